@@ -1,0 +1,53 @@
+"""GatewayConfig: the gateway's own settings and the defaults workers inherit (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from actors.model import WorkerSpec
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    registration_concurrency: int = 8  # workflow tasks running detection at once
+    registration_queue_size: int = 1024  # jobs waiting; when full, POST answers 503
+    inbox_size: int = 1024  # envelopes waiting for the registry (asks beyond wait)
+    max_connection_attempts: int = 20
+    registration_timeout_secs: float = 60.0
+    recheck_interval_secs: float = 30.0  # re-probe of a failed worker; 0 turns it off
+    drain_timeout_secs: float = 30.0
+    backoff_initial_secs: float = 0.1  # between detection attempts, doubling
+    backoff_max_secs: float = 5.0
+    ask_timeout_secs: float = 10.0  # an ask the registry does not answer in time is a 503
+
+    def __post_init__(self) -> None:
+        for name in ("registration_concurrency", "registration_queue_size", "inbox_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_connection_attempts < 1:
+            raise ValueError("max_connection_attempts must be at least 1")
+
+    def resolve(self, spec: WorkerSpec) -> WorkerSpec:
+        """The spec with every unset timing field taken from these defaults."""
+        return replace(
+            spec,
+            max_connection_attempts=_pick(
+                spec.max_connection_attempts, self.max_connection_attempts
+            ),
+            registration_timeout_secs=_pick(
+                spec.registration_timeout_secs, self.registration_timeout_secs
+            ),
+            recheck_interval_secs=_pick(spec.recheck_interval_secs, self.recheck_interval_secs),
+            drain_timeout_secs=_pick(spec.drain_timeout_secs, self.drain_timeout_secs),
+        )
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.backoff_initial_secs * 2 ** (attempt - 1), self.backoff_max_secs))
+
+
+def _pick(value: T | None, default: T) -> T:
+    return default if value is None else value

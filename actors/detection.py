@@ -1,0 +1,218 @@
+"""Detection: probe a worker and report what it is. Knows nothing of the registry.
+
+HTTP workers: ``GET /health`` must answer 2xx; ``GET /v1/models`` lists the models (``owned_by``
+names the runtime); SGLang answers ``/server_info`` (or ``/get_server_info``) and ``/model_info``
+(or ``/get_model_info``); vLLM answers ``/version``. A ``grpc://`` address, or a bare address that
+does not speak HTTP/1.1, is probed with the HTTP/2 client preface and must answer SETTINGS.
+Every failure raises DetectionError with a sentence an operator can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any
+
+import httpx
+import trio
+
+from actors.errors import DetectionError
+from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
+from actors.urls import WorkerUrl
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
+_INFO_KEYS_SKIPPED = {"host", "port", "internal_states"}
+
+
+class _NotHttp(Exception):
+    """The peer accepted a connection but did not answer like an HTTP/1.1 server."""
+
+
+class Detector:
+    """Probes workers with one shared httpx client (control plane only, never the hot path)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    async def detect(self, spec: WorkerSpec) -> Detection:
+        """Probe ``spec``'s worker once. The caller bounds the time (``trio.fail_after``)."""
+        url = spec.url
+        if url.is_grpc:
+            return await self._detect_grpc(spec, url)
+        if url.scheme is not None:
+            try:
+                return await self._detect_http(spec, url)
+            except _NotHttp as error:
+                raise DetectionError(f"{url.text} does not speak HTTP/1.1: {error}") from None
+        try:
+            return await self._detect_http(spec, url.with_scheme("http"))
+        except _NotHttp as http_error:
+            try:
+                return await self._detect_grpc(spec, url.with_scheme("grpc"))
+            except DetectionError as grpc_error:
+                raise DetectionError(
+                    f"{url.text} speaks neither HTTP/1.1 ({http_error}) nor gRPC ({grpc_error})"
+                ) from None
+
+    # ---- HTTP --------------------------------------------------------------------------
+
+    async def _detect_http(self, spec: WorkerSpec, url: WorkerUrl) -> Detection:
+        headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+
+        async def get(path: str) -> httpx.Response:
+            target = f"{url.text}{path}"
+            try:
+                return await self._client.get(target, headers=headers)
+            except httpx.ConnectError as error:
+                raise DetectionError(f"GET {target}: cannot connect ({_reason(error)})") from None
+            except httpx.TimeoutException:
+                raise DetectionError(f"GET {target}: no answer in time") from None
+            except (httpx.RemoteProtocolError, httpx.LocalProtocolError) as error:
+                raise _NotHttp(_reason(error)) from None
+            except httpx.HTTPError as error:
+                raise DetectionError(f"GET {target}: {_reason(error)}") from None
+
+        health = await get("/health")
+        if not health.is_success:
+            raise DetectionError(f"GET {url.text}/health answered {health.status_code}")
+
+        owner: str | None = None
+        if spec.model_id is not None:
+            models = [ModelCard(id=spec.model_id)]
+        else:
+            listing = await get("/v1/models")
+            if not listing.is_success:
+                raise DetectionError(f"GET {url.text}/v1/models answered {listing.status_code}")
+            models, owner = _parse_models(listing, url)
+
+        labels: dict[str, str] = {}
+        runtime = spec.runtime or _runtime_from_owner(owner)
+        if runtime in (None, Runtime.SGLANG):
+            server_info = await _first_json(get, "/server_info", "/get_server_info")
+            if server_info is not None:
+                runtime = runtime or Runtime.SGLANG
+                labels.update(_labels(server_info))
+                model_info = await _first_json(get, "/model_info", "/get_model_info")
+                if model_info is not None:
+                    labels.update(_labels(model_info))
+                    models = [_with_details(models[0], model_info), *models[1:]]
+        if runtime is None:
+            version = await _first_json(get, "/version")
+            runtime = Runtime.VLLM if version is not None else Runtime.EXTERNAL
+        return Detection(
+            url=url,
+            connection_mode=ConnectionMode.HTTP,
+            runtime=runtime,
+            models=tuple(models),
+            labels=labels,
+        )
+
+    # ---- gRPC --------------------------------------------------------------------------
+
+    async def _detect_grpc(self, spec: WorkerSpec, url: WorkerUrl) -> Detection:
+        await probe_http2(url)
+        models = (ModelCard(id=spec.model_id),) if spec.model_id else ()
+        return Detection(
+            url=url,
+            connection_mode=ConnectionMode.GRPC,
+            runtime=spec.runtime or Runtime.SGLANG,
+            models=models,
+        )
+
+
+async def probe_http2(url: WorkerUrl) -> None:
+    """Send the HTTP/2 client preface; the peer must answer with a SETTINGS frame."""
+    target = url.text
+    try:
+        tcp = await trio.open_tcp_stream(url.host, url.port)
+        stream: trio.abc.Stream = tcp
+        if url.is_tls:
+            context = ssl.create_default_context()
+            context.set_alpn_protocols(["h2"])
+            stream = trio.SSLStream(tcp, context, server_hostname=url.host)
+        async with stream:
+            await stream.send_all(H2_PREFACE + H2_SETTINGS)
+            head = b""
+            while len(head) < 9:
+                chunk = await stream.receive_some(9 - len(head))
+                if not chunk:
+                    raise DetectionError(f"{target} closed the connection after the preface")
+                head += chunk
+    except OSError as error:
+        raise DetectionError(f"{target}: cannot connect ({_reason(error)})") from None
+    except (trio.BrokenResourceError, ssl.SSLError) as error:
+        raise DetectionError(f"{target}: connection failed ({_reason(error)})") from None
+    if head[3] != 0x04:
+        raise DetectionError(f"{target} did not answer the HTTP/2 preface with SETTINGS")
+
+
+# ---- parsing helpers -------------------------------------------------------------------
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    if "refused" in text.lower():
+        return "connection refused"
+    return text
+
+
+def _parse_models(response: httpx.Response, url: WorkerUrl) -> tuple[list[ModelCard], str | None]:
+    try:
+        data = response.json().get("data")
+        ids = [entry["id"] for entry in data]
+        owners = [entry.get("owned_by") for entry in data]
+    except (ValueError, AttributeError, KeyError, TypeError):
+        raise DetectionError(
+            f"GET {url.text}/v1/models did not answer an OpenAI model list"
+        ) from None
+    if not ids or not all(isinstance(model_id, str) and model_id for model_id in ids):
+        raise DetectionError(f"no models reported by GET {url.text}/v1/models")
+    details = [{k: v for k, v in entry.items() if k not in ("id", "object")} for entry in data]
+    owner = owners[0] if owners and isinstance(owners[0], str) else None
+    return [ModelCard(id=i, details=d) for i, d in zip(ids, details, strict=True)], owner
+
+
+def _runtime_from_owner(owner: str | None) -> Runtime | None:
+    try:
+        return Runtime((owner or "").lower())
+    except ValueError:
+        return None
+
+
+async def _first_json(get: Any, *paths: str) -> dict[str, Any] | None:
+    """The JSON object answered by the first of ``paths`` that answers 200 with one."""
+    for path in paths:
+        response = await get(path)
+        if response.status_code != 200:
+            continue
+        try:
+            body = response.json()
+        except ValueError:
+            continue
+        if isinstance(body, dict):
+            return body
+    return None
+
+
+def _labels(info: dict[str, Any]) -> dict[str, str]:
+    labels = {}
+    for key, value in info.items():
+        if key in _INFO_KEYS_SKIPPED or value is None:
+            continue
+        if isinstance(value, bool):
+            labels[key] = "true" if value else "false"
+        elif isinstance(value, str | int | float):
+            labels[key] = str(value)
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            labels[key] = json.dumps(value)
+    return labels
+
+
+def _with_details(card: ModelCard, model_info: dict[str, Any]) -> ModelCard:
+    extra: dict[str, Any] = {
+        k: model_info[k]
+        for k in ("model_type", "architectures", "is_generation")
+        if k in model_info
+    }
+    return ModelCard(id=card.id, details={**card.details, **extra})

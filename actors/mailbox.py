@@ -1,0 +1,84 @@
+"""The one request/reply mechanism between actors: ``ask()`` an actor, get its answer.
+
+An envelope carries a message and a one-shot reply slot. The actor answers every envelope on
+every path: ``with envelope.reply:`` answers ``GatewayStopped`` if the block exits without an
+answer, and ``refuse_pending()`` answers whatever is still queued when the actor stops. Answering
+never blocks, so an actor never awaits the party that asked it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import outcome
+import trio
+
+from actors.commands import Ask
+from actors.errors import GatewayStopped
+
+T = TypeVar("T")
+
+
+class Reply(Generic[T]):
+    """A one-shot answer slot. Cheaper than a memory channel per ask."""
+
+    __slots__ = ("_event", "_result")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._result: outcome.Outcome[T] | None = None
+
+    def answer(self, result: outcome.Outcome[T]) -> None:
+        if self._result is None:
+            self._result = result
+            self._event.set()
+
+    async def wait(self) -> T:
+        await self._event.wait()
+        assert self._result is not None
+        return self._result.unwrap()
+
+    def __enter__(self) -> Reply[T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._result is None:
+            self.answer(outcome.Error(GatewayStopped()))
+
+
+@dataclass(slots=True)
+class Envelope(Generic[T]):
+    message: Ask[T]
+    reply: Reply[T] = field(default_factory=Reply)
+
+
+Inbox = trio.MemoryReceiveChannel[Envelope[Any]]
+Outbox = trio.MemorySendChannel[Envelope[Any]]
+
+
+async def ask(outbox: Outbox, message: Ask[T]) -> T:
+    """Send ``message`` to the actor behind ``outbox`` and return its answer (or raise its
+    error). Raises GatewayStopped if the actor has stopped. Put the timeout at the call site."""
+    envelope: Envelope[T] = Envelope(message)
+    try:
+        await outbox.send(envelope)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise GatewayStopped() from None
+    return await envelope.reply.wait()
+
+
+def refuse_pending(inbox: Inbox) -> None:
+    """Answer GatewayStopped to every envelope still queued (an actor calls this as it stops)."""
+    while True:
+        try:
+            envelope = inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        envelope.reply.answer(outcome.Error(GatewayStopped()))

@@ -1,0 +1,202 @@
+"""Pure values: worker specs, worker records, job status (frozen dataclasses).
+
+A ``WorkerSpec`` is what an operator asked for; a ``Worker`` is the registry's record of it: the
+spec, what detection found, the lifecycle status and the status of the job working on it.
+Mappings held by these values are never mutated after construction: changes make new values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from actors.urls import WorkerUrl
+
+WorkerId = str
+
+
+class WorkerStatus(StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    DRAINING = "draining"
+    FAILED = "failed"
+
+
+class WorkerType(StrEnum):
+    REGULAR = "regular"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class ConnectionMode(StrEnum):
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+class Runtime(StrEnum):
+    SGLANG = "sglang"
+    VLLM = "vllm"
+    TRTLLM = "trtllm"
+    EXTERNAL = "external"
+
+
+class JobType(StrEnum):
+    ADD = "AddWorker"
+    REPLACE = "ReplaceWorker"
+    RETRY = "RetryWorker"
+    RECHECK = "RecheckWorker"
+    REMOVE = "RemoveWorker"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    timeout_secs: float = 5.0
+    check_interval_secs: float = 10.0
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    disable: bool = False
+    drain_settle_secs: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerSpec:
+    """What an operator asks for. ``None`` timing fields take the gateway's defaults."""
+
+    url: WorkerUrl
+    model_id: str | None = None
+    worker_type: WorkerType = WorkerType.REGULAR
+    bootstrap_port: int | None = None
+    runtime: Runtime | None = None
+    priority: int = 50
+    cost: float = 1.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    api_key: str | None = field(default=None, repr=False)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    max_connection_attempts: int | None = None
+    registration_timeout_secs: float | None = None
+    recheck_interval_secs: float | None = None
+    drain_timeout_secs: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerPatch:
+    """A PATCH: only the fields that are not None change. A label set to None is removed."""
+
+    priority: int | None = None
+    cost: float | None = None
+    labels: Mapping[str, str | None] | None = None
+    api_key: str | None = field(default=None, repr=False)
+    health: Mapping[str, Any] | None = None
+
+    def apply(self, spec: WorkerSpec) -> WorkerSpec:
+        changes: dict[str, Any] = {}
+        if self.priority is not None:
+            changes["priority"] = self.priority
+        if self.cost is not None:
+            changes["cost"] = self.cost
+        if self.api_key is not None:
+            changes["api_key"] = self.api_key
+        if self.labels is not None:
+            labels = dict(spec.labels)
+            for key, value in self.labels.items():
+                if value is None:
+                    labels.pop(key, None)
+                else:
+                    labels[key] = value
+            changes["labels"] = labels
+        if self.health is not None:
+            changes["health"] = replace(spec.health, **self.health)
+        return replace(spec, **changes)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelCard:
+    id: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Detection:
+    """What probing a worker found: its scheme, protocol, runtime, models and info labels."""
+
+    url: WorkerUrl
+    connection_mode: ConnectionMode
+    runtime: Runtime
+    models: tuple[ModelCard, ...]
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def model_ids(self) -> frozenset[str]:
+        return frozenset(model.id for model in self.models)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStatus:
+    job_id: int
+    job_type: JobType
+    state: JobState
+    message: str | None = None
+    attempts: int = 0
+    updated_at: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state in (JobState.QUEUED, JobState.RUNNING)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Worker:
+    id: WorkerId
+    spec: WorkerSpec
+    status: WorkerStatus
+    created_at: float
+    updated_at: float
+    spec_version: int = 1
+    detection: Detection | None = None
+    is_healthy: bool = False
+    job: JobStatus | None = None
+
+    @property
+    def url(self) -> WorkerUrl:
+        """The address with the scheme detection chose (a bare spec gets one when detected)."""
+        return self.detection.url if self.detection is not None else self.spec.url
+
+    @property
+    def key(self) -> str:
+        return self.spec.url.key
+
+    @property
+    def model_ids(self) -> frozenset[str]:
+        return self.detection.model_ids if self.detection is not None else frozenset()
+
+    @property
+    def connection_mode(self) -> ConnectionMode | None:
+        if self.detection is not None:
+            return self.detection.connection_mode
+        if self.spec.url.scheme is None:
+            return None
+        return ConnectionMode.GRPC if self.spec.url.is_grpc else ConnectionMode.HTTP
+
+    @property
+    def runtime(self) -> Runtime | None:
+        return self.detection.runtime if self.detection is not None else self.spec.runtime
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Detected labels overlaid by the operator's labels."""
+        detected = self.detection.labels if self.detection is not None else {}
+        return {**detected, **self.spec.labels}
+
+    @property
+    def is_routable(self) -> bool:
+        return self.status is WorkerStatus.READY and self.is_healthy

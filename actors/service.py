@@ -1,0 +1,221 @@
+"""The Gateway handle and open_gateway(): every actor is started here and dies with it.
+
+The handle is what the HTTP layer and an embedding trio application hold. Its writes are asks
+to the registry; its reads come from the latest published snapshot and never queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, TypeVar
+
+import httpx
+import trio
+
+from actors.commands import (
+    Ask,
+    BeginDrain,
+    CreateWorker,
+    FinishDrain,
+    ReplaceSpec,
+    RetryWorker,
+    UpdateSpec,
+)
+from actors.config import GatewayConfig
+from actors.detection import Detector
+from actors.errors import RegistryError, RegistryTimeout, WorkerFailed, WorkerNotFound
+from actors.inflight import InFlight
+from actors.mailbox import Envelope, Outbox, ask
+from actors.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
+from actors.registrar import run_registrar
+from actors.registry import Job, run_registry
+from actors.snapshot import RegistrySnapshot
+from actors.table import WorkerTable
+
+log = logging.getLogger("tmg.gateway")
+T = TypeVar("T")
+
+
+class Gateway:
+    """The gateway as a library. Create it with ``open_gateway()``."""
+
+    def __init__(
+        self, config: GatewayConfig, registry: Outbox, nursery: trio.Nursery, inflight: InFlight
+    ) -> None:
+        self.config = config
+        self.inflight = inflight
+        self._registry = registry
+        self._nursery = nursery
+        self._snapshot = RegistrySnapshot()
+        self._changed = trio.Event()
+        self._draining: set[WorkerId] = set()
+
+    # ---- reads (the latest snapshot; never wait for the registry) -------------------------
+
+    @property
+    def snapshot(self) -> RegistrySnapshot:
+        return self._snapshot
+
+    def get_worker(self, worker_id: WorkerId) -> Worker:
+        worker = self._snapshot.get(worker_id)
+        if worker is None:
+            raise WorkerNotFound(worker_id)
+        return worker
+
+    def list_workers(
+        self,
+        *,
+        model: str | None = None,
+        status: WorkerStatus | str | None = None,
+        worker_type: WorkerType | str | None = None,
+    ) -> list[Worker]:
+        return self._snapshot.select(
+            model=model,
+            status=None if status is None else WorkerStatus(status),
+            worker_type=None if worker_type is None else WorkerType(worker_type),
+        )
+
+    # ---- writes (asks to the registry) ------------------------------------------------
+
+    async def add_worker(self, spec: WorkerSpec) -> Worker:
+        """Register a worker: it exists (``pending``) under its final id when this returns."""
+        return await self._ask(CreateWorker(spec=self.config.resolve(spec)))
+
+    async def replace_worker(
+        self, worker_id: WorkerId, spec: WorkerSpec, *, if_match: int | None = None
+    ) -> Worker:
+        """PUT: re-detect with ``spec`` while the current spec keeps serving, then swap."""
+        message = ReplaceSpec(
+            worker_id=worker_id, spec=self.config.resolve(spec), if_match=if_match
+        )
+        return await self._ask(message)
+
+    async def update_worker(
+        self, worker_id: WorkerId, patch: WorkerPatch, *, if_match: int | None = None
+    ) -> Worker:
+        """PATCH: applied before this returns."""
+        return await self._ask(UpdateSpec(worker_id=worker_id, patch=patch, if_match=if_match))
+
+    async def retry_worker(self, worker_id: WorkerId) -> Worker:
+        return await self._ask(RetryWorker(worker_id=worker_id))
+
+    async def remove_worker(self, worker_id: WorkerId) -> Worker:
+        """DELETE: a pending or failed worker is gone when this returns; a ready one drains
+        (no new requests) and is removed once idle or after its drain timeout."""
+        worker = await self._ask(BeginDrain(worker_id=worker_id))
+        if worker.status is WorkerStatus.DRAINING and worker_id not in self._draining:
+            if self.inflight.count(worker_id) == 0 and not worker.spec.health.drain_settle_secs:
+                await self._finish_drain(worker_id)  # idle: gone before the 202
+            else:
+                self._draining.add(worker_id)
+                self._nursery.start_soon(self._drain, worker)
+        return worker
+
+    # ---- waiting --------------------------------------------------------------------------
+
+    async def wait_status(
+        self,
+        worker_id: WorkerId,
+        status: WorkerStatus | str,
+        timeout: float,  # noqa: ASYNC109 - the library's documented signature
+    ) -> Worker:
+        """Wait until the worker has ``status``. Raises WorkerNotFound if it is removed,
+        WorkerFailed if it fails while another status is awaited, trio.TooSlowError on timeout."""
+        wanted = WorkerStatus(status)
+        with trio.fail_after(timeout):
+            while True:
+                worker = self.get_worker(worker_id)
+                if worker.status is wanted:
+                    return worker
+                if worker.status is WorkerStatus.FAILED:
+                    message = worker.job.message if worker.job else None
+                    raise WorkerFailed(worker_id, message or "registration failed")
+                await self.wait_changed()
+
+    async def wait_removed(
+        self,
+        worker_id: WorkerId,
+        timeout: float,  # noqa: ASYNC109 - same shape as wait_status
+    ) -> None:
+        with trio.fail_after(timeout):
+            while self._snapshot.get(worker_id) is not None:
+                await self.wait_changed()
+
+    async def wait_changed(self) -> None:
+        """Wait for the next published snapshot."""
+        await self._changed.wait()
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _publish(self, snapshot: RegistrySnapshot) -> None:
+        self._snapshot = snapshot
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def _ask(self, message: Ask[T]) -> T:
+        try:
+            with trio.fail_after(self.config.ask_timeout_secs):
+                return await ask(self._registry, message)
+        except trio.TooSlowError:
+            raise RegistryTimeout(
+                f"the registry did not answer within {self.config.ask_timeout_secs:g} s"
+            ) from None
+
+    async def _drain(self, worker: Worker) -> None:
+        spec = worker.spec
+        try:
+            with trio.move_on_after(spec.drain_timeout_secs or 0.0) as waited:
+                await self.inflight.wait_idle(worker.id)
+            if waited.cancelled_caught:
+                log.warning("worker %s: drain timed out with requests in flight", worker.id)
+            await trio.sleep(spec.health.drain_settle_secs)
+            await self._finish_drain(worker.id)
+        finally:
+            self._draining.discard(worker.id)
+
+    async def _finish_drain(self, worker_id: WorkerId) -> None:
+        try:
+            await self._ask(FinishDrain(worker_id=worker_id))
+        except RegistryError as error:  # already gone
+            log.debug("finish drain of %s: %s", worker_id, error)
+
+
+@asynccontextmanager
+async def open_gateway(
+    config: GatewayConfig | None = None,
+    *,
+    http_transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[Gateway]:
+    """Start the registry and the registration workflows; stop them all on exit.
+
+    ``http_transport`` replaces the network for detection (tests use ``httpx.MockTransport``).
+    """
+    config = config or GatewayConfig()
+    client = httpx.AsyncClient(
+        transport=http_transport,
+        trust_env=False,
+        timeout=httpx.Timeout(None),  # every probe is bounded by the caller's cancel scope
+        limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=5.0),
+    )
+    async with client, trio.open_nursery() as nursery:
+        inbox_send, inbox_receive = trio.open_memory_channel[Envelope[Any]](config.inbox_size)
+        jobs_send, jobs_receive = trio.open_memory_channel[Job](config.registration_queue_size)
+        gateway = Gateway(config, inbox_send, nursery, InFlight())
+        table = WorkerTable(queue_size=config.registration_queue_size)
+        await nursery.start(
+            partial(
+                run_registry, inbox_receive, jobs_send, gateway._publish, table=table, clock=clock
+            )
+        )
+        await nursery.start(
+            partial(run_registrar, jobs_receive, inbox_send, Detector(client), config=config)
+        )
+        try:
+            yield gateway
+        finally:
+            nursery.cancel_scope.cancel()

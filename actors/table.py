@@ -1,0 +1,428 @@
+"""WorkerTable: every registry rule, as synchronous methods (pure).
+
+Each method checks everything first and changes state only when nothing can fail any more, so a
+refused command leaves nothing half-done. Every change goes through ``_put``/``_delete``, which
+overwrite the record and then diff the indexes, so no index ever lags its record and a replaced
+worker is never missing from an index. Work that needs I/O (detection, cancelling a workflow) is
+returned as effects for the registry actor to carry out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from actors.commands import (
+    BeginDrain,
+    CancelJob,
+    Command,
+    CreateWorker,
+    Effect,
+    FinishDrain,
+    MarkFailed,
+    MarkReady,
+    RecheckWorker,
+    ReplaceSpec,
+    RetryWorker,
+    SetHealth,
+    StartAttempt,
+    StartJob,
+    UpdateSpec,
+)
+from actors.errors import (
+    PreconditionFailed,
+    RegistryBusy,
+    StaleJob,
+    UrlMismatch,
+    WorkerAlreadyExists,
+    WorkerDraining,
+    WorkerNotFailed,
+    WorkerNotFound,
+)
+from actors.model import (
+    ConnectionMode,
+    Detection,
+    JobState,
+    JobStatus,
+    JobType,
+    Worker,
+    WorkerId,
+    WorkerPatch,
+    WorkerSpec,
+    WorkerStatus,
+    WorkerType,
+)
+from actors.snapshot import RegistrySnapshot
+
+_ROUTED = (WorkerStatus.READY,)
+K = TypeVar("K")
+
+
+@dataclass(frozen=True, slots=True)
+class _Replacement:
+    job_id: int
+    spec: WorkerSpec
+
+
+def _new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class WorkerTable:
+    def __init__(self, *, new_id: Callable[[], str] = _new_uuid, queue_size: int = 1024) -> None:
+        self._new_id = new_id
+        self.queue_size = queue_size
+        self._workers: dict[WorkerId, Worker] = {}
+        self._by_key: dict[str, WorkerId] = {}
+        self._by_model: dict[str, set[WorkerId]] = {}
+        self._by_type: dict[WorkerType, set[WorkerId]] = {}
+        self._by_mode: dict[ConnectionMode, set[WorkerId]] = {}
+        self._replacing: dict[WorkerId, _Replacement] = {}
+        self._next_job_id = 1
+        self._effects: list[Effect] = []
+        self._job_slots = queue_size
+        self._version = 0
+        self._snapshot: RegistrySnapshot | None = None
+
+    # ---- the one entry point the registry actor uses -------------------------------------
+
+    def apply(self, command: Command, *, now: float, job_slots: int | None = None) -> Worker:
+        """Run one command. ``job_slots`` is how many more jobs the queue can take now."""
+        self._job_slots = self.queue_size if job_slots is None else job_slots
+        match command:
+            case CreateWorker(spec=spec):
+                return self.create(spec, now=now)
+            case StartAttempt(worker_id=wid, job_id=job_id, attempt=attempt, message=message):
+                return self.start_attempt(wid, job_id, attempt, message, now=now)
+            case MarkReady(worker_id=wid, job_id=job_id, detection=detection):
+                return self.mark_ready(wid, job_id, detection, now=now)
+            case MarkFailed(worker_id=wid, job_id=job_id, reason=reason):
+                return self.mark_failed(wid, job_id, reason, now=now)
+            case ReplaceSpec(worker_id=wid, spec=spec, if_match=if_match):
+                return self.replace(wid, spec, if_match=if_match, now=now)
+            case UpdateSpec(worker_id=wid, patch=patch, if_match=if_match):
+                return self.update(wid, patch, if_match=if_match, now=now)
+            case BeginDrain(worker_id=wid):
+                return self.begin_drain(wid, now=now)
+            case FinishDrain(worker_id=wid):
+                return self.finish_drain(wid)
+            case RetryWorker(worker_id=wid):
+                return self.retry(wid, now=now)
+            case RecheckWorker(worker_id=wid, job_id=job_id):
+                return self.recheck(wid, job_id, now=now)
+            case SetHealth(worker_id=wid, healthy=healthy):
+                return self.set_health(wid, healthy, now=now)
+
+    def take_effects(self) -> list[Effect]:
+        effects, self._effects = self._effects, []
+        return effects
+
+    # ---- rules -------------------------------------------------------------------------
+
+    def create(self, spec: WorkerSpec, *, now: float) -> Worker:
+        key = spec.url.key
+        if (existing := self._by_key.get(key)) is not None:
+            raise WorkerAlreadyExists(key, existing)
+        self._require_job_slot()
+        worker_id = self._new_id()
+        while worker_id in self._workers:  # never hand out a live id twice
+            worker_id = self._new_id()
+        job = self._start_job(worker_id, JobType.ADD, spec, now)
+        worker = Worker(
+            id=worker_id,
+            spec=spec,
+            status=WorkerStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            job=job,
+        )
+        return self._put(worker)
+
+    def start_attempt(
+        self, worker_id: WorkerId, job_id: int, attempt: int, message: str | None, *, now: float
+    ) -> Worker:
+        worker = self._require(worker_id)
+        job = self._require_job(worker, job_id)
+        job = replace(
+            job, state=JobState.RUNNING, attempts=attempt, message=message, updated_at=now
+        )
+        return self._put(replace(worker, job=job))
+
+    def mark_ready(
+        self, worker_id: WorkerId, job_id: int, detection: Detection, *, now: float
+    ) -> Worker:
+        worker = self._require(worker_id)
+        job = self._require_job(worker, job_id)
+        if detection.url.key != worker.key:
+            raise StaleJob(worker_id, f"detection is for {detection.url.key}, not {worker.key}")
+        done = replace(job, state=JobState.SUCCEEDED, message=None, updated_at=now)
+        if job.job_type is JobType.REPLACE:
+            swap = self._replacing.pop(worker_id)
+            return self._put(
+                replace(
+                    worker,
+                    spec=swap.spec,
+                    detection=detection,
+                    spec_version=worker.spec_version + 1,
+                    job=done,
+                    updated_at=now,
+                )
+            )
+        return self._put(
+            replace(
+                worker,
+                status=WorkerStatus.READY,
+                detection=detection,
+                is_healthy=True,
+                job=done,
+                updated_at=now,
+            )
+        )
+
+    def mark_failed(self, worker_id: WorkerId, job_id: int, reason: str, *, now: float) -> Worker:
+        worker = self._require(worker_id)
+        job = self._require_job(worker, job_id)
+        failed = replace(job, state=JobState.FAILED, message=reason, updated_at=now)
+        if job.job_type is JobType.REPLACE:  # the old spec keeps serving
+            del self._replacing[worker_id]
+            return self._put(replace(worker, job=failed, updated_at=now))
+        return self._put(
+            replace(
+                worker,
+                status=WorkerStatus.FAILED,
+                detection=None,
+                is_healthy=False,
+                job=failed,
+                updated_at=now,
+            )
+        )
+
+    def replace(
+        self, worker_id: WorkerId, spec: WorkerSpec, *, if_match: int | None, now: float
+    ) -> Worker:
+        worker = self._require(worker_id)
+        if spec.url.key != worker.key:
+            raise UrlMismatch(worker.url.text, spec.url.text)
+        if worker.status is WorkerStatus.DRAINING:
+            raise WorkerDraining(worker_id)
+        self._check_if_match(worker, if_match)
+        self._require_job_slot()
+        self._cancel_active_job(worker)
+        if worker.status is WorkerStatus.READY:
+            job = self._start_job(worker_id, JobType.REPLACE, spec, now)
+            self._replacing[worker_id] = _Replacement(job.job_id, spec)
+            updated = replace(worker, job=job, updated_at=now)
+        else:  # nothing is serving yet: the new spec applies at once and registration restarts
+            job = self._start_job(worker_id, JobType.ADD, spec, now)
+            updated = replace(
+                worker,
+                spec=spec,
+                spec_version=worker.spec_version + 1,
+                status=WorkerStatus.PENDING,
+                detection=None,
+                is_healthy=False,
+                job=job,
+                updated_at=now,
+            )
+        return self._put(updated)
+
+    def update(
+        self, worker_id: WorkerId, patch: WorkerPatch, *, if_match: int | None, now: float
+    ) -> Worker:
+        worker = self._require(worker_id)
+        self._check_if_match(worker, if_match)
+        spec = patch.apply(worker.spec)
+        job = worker.job
+        if job is not None and job.active and job.job_type is JobType.REPLACE:
+            self._cancel_active_job(worker)
+            job = replace(
+                job,
+                state=JobState.CANCELLED,
+                message=f"superseded by a PATCH (spec version {worker.spec_version + 1})",
+                updated_at=now,
+            )
+        return self._put(
+            replace(
+                worker, spec=spec, spec_version=worker.spec_version + 1, job=job, updated_at=now
+            )
+        )
+
+    def begin_drain(self, worker_id: WorkerId, *, now: float) -> Worker:
+        worker = self._require(worker_id)
+        if worker.status is WorkerStatus.DRAINING:
+            return worker
+        self._cancel_active_job(worker)
+        if worker.status is not WorkerStatus.READY:  # pending or failed: nothing to drain
+            self._delete(worker)
+            return worker
+        job = self._new_job(JobType.REMOVE, now)
+        job = replace(job, state=JobState.RUNNING, message="draining in-flight requests")
+        return self._put(replace(worker, status=WorkerStatus.DRAINING, job=job, updated_at=now))
+
+    def finish_drain(self, worker_id: WorkerId) -> Worker:
+        worker = self._require(worker_id)
+        if worker.status is not WorkerStatus.DRAINING:
+            raise StaleJob(worker_id, f"worker is {worker.status}, not draining")
+        self._delete(worker)
+        return worker
+
+    def retry(self, worker_id: WorkerId, *, now: float) -> Worker:
+        worker = self._require(worker_id)
+        if worker.status is not WorkerStatus.FAILED:
+            raise WorkerNotFailed(worker_id, worker.status)
+        self._require_job_slot()
+        self._cancel_active_job(worker)
+        job = self._start_job(worker_id, JobType.RETRY, worker.spec, now)
+        return self._put(replace(worker, status=WorkerStatus.PENDING, job=job, updated_at=now))
+
+    def recheck(self, worker_id: WorkerId, job_id: int, *, now: float) -> Worker:
+        """Re-probe a failed worker in the background, if nothing newer happened to it."""
+        worker = self._require(worker_id)
+        if worker.status is not WorkerStatus.FAILED or worker.job is None:
+            raise StaleJob(worker_id, f"worker is {worker.status}")
+        if worker.job.job_id != job_id or worker.job.active:
+            raise StaleJob(worker_id, "a newer job took over")
+        self._require_job_slot()
+        job = self._start_job(worker_id, JobType.RECHECK, worker.spec, now)
+        job = replace(job, message=worker.job.message)
+        return self._put(replace(worker, job=job, updated_at=now))
+
+    def set_health(self, worker_id: WorkerId, healthy: bool, *, now: float) -> Worker:
+        worker = self._require(worker_id)
+        if worker.status not in (WorkerStatus.READY, WorkerStatus.DRAINING):
+            raise StaleJob(worker_id, f"worker is {worker.status}")
+        if worker.is_healthy == healthy:
+            return worker
+        return self._put(replace(worker, is_healthy=healthy, updated_at=now))
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def get(self, worker_id: WorkerId) -> Worker | None:
+        return self._workers.get(worker_id)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    @property
+    def workers(self) -> Mapping[WorkerId, Worker]:
+        return self._workers
+
+    def index_by_key(self) -> dict[str, WorkerId]:
+        return dict(self._by_key)
+
+    def index_by_model(self) -> dict[str, frozenset[WorkerId]]:
+        return {model: frozenset(ids) for model, ids in self._by_model.items()}
+
+    def index_by_type(self) -> dict[WorkerType, frozenset[WorkerId]]:
+        return {kind: frozenset(ids) for kind, ids in self._by_type.items()}
+
+    def index_by_mode(self) -> dict[ConnectionMode, frozenset[WorkerId]]:
+        return {mode: frozenset(ids) for mode, ids in self._by_mode.items()}
+
+    def snapshot(self) -> RegistrySnapshot:
+        if self._snapshot is None:
+            self._snapshot = RegistrySnapshot(
+                version=self._version,
+                workers=dict(self._workers),
+                by_key=dict(self._by_key),
+                by_model={m: tuple(ids) for m, ids in self._by_model.items()},
+            )
+        return self._snapshot
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _require(self, worker_id: WorkerId) -> Worker:
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            raise WorkerNotFound(worker_id)
+        return worker
+
+    def _require_job(self, worker: Worker, job_id: int) -> JobStatus:
+        job = worker.job
+        if job is None or job.job_id != job_id or not job.active:
+            raise StaleJob(worker.id, "a newer request superseded this job")
+        return job
+
+    def _require_job_slot(self) -> None:
+        if self._job_slots <= 0:
+            raise RegistryBusy(self.queue_size)
+        self._job_slots -= 1
+
+    def _check_if_match(self, worker: Worker, if_match: int | None) -> None:
+        if if_match is not None and if_match != worker.spec_version:
+            raise PreconditionFailed(worker.id, if_match, worker.spec_version)
+
+    def _new_job(self, job_type: JobType, now: float) -> JobStatus:
+        job_id = self._next_job_id
+        self._next_job_id += 1
+        return JobStatus(job_id=job_id, job_type=job_type, state=JobState.QUEUED, updated_at=now)
+
+    def _start_job(
+        self, worker_id: WorkerId, job_type: JobType, spec: WorkerSpec, now: float
+    ) -> JobStatus:
+        job = self._new_job(job_type, now)
+        self._effects.append(
+            StartJob(worker_id=worker_id, job_id=job.job_id, job_type=job_type, spec=spec)
+        )
+        return job
+
+    def _cancel_active_job(self, worker: Worker) -> None:
+        if worker.job is not None and worker.job.active:
+            self._effects.append(CancelJob(worker_id=worker.id, job_id=worker.job.job_id))
+        self._replacing.pop(worker.id, None)
+
+    def _put(self, worker: Worker) -> Worker:
+        old = self._workers.get(worker.id)
+        self._workers[worker.id] = worker
+        self._reindex(old, worker)
+        return worker
+
+    def _delete(self, worker: Worker) -> None:
+        del self._workers[worker.id]
+        self._replacing.pop(worker.id, None)
+        self._effects.append(CancelJob(worker_id=worker.id, job_id=None))
+        self._reindex(worker, None)
+
+    def _reindex(self, old: Worker | None, new: Worker | None) -> None:
+        self._version += 1
+        self._snapshot = None
+        if new is not None:
+            worker_id = new.id
+            self._by_key[new.key] = worker_id
+        elif old is not None:
+            worker_id = old.id
+            del self._by_key[old.key]
+        else:
+            return
+        _diff(self._by_model, _models(old), _models(new), worker_id)
+        _diff(self._by_type, _types(old), _types(new), worker_id)
+        _diff(self._by_mode, _modes(old), _modes(new), worker_id)
+
+
+def _models(worker: Worker | None) -> frozenset[str]:
+    if worker is None or worker.status not in _ROUTED:
+        return frozenset()
+    return worker.model_ids
+
+
+def _types(worker: Worker | None) -> frozenset[WorkerType]:
+    return frozenset() if worker is None else frozenset((worker.spec.worker_type,))
+
+
+def _modes(worker: Worker | None) -> frozenset[ConnectionMode]:
+    mode = None if worker is None else worker.connection_mode
+    return frozenset() if mode is None else frozenset((mode,))
+
+
+def _diff(
+    index: dict[K, set[WorkerId]], old: frozenset[K], new: frozenset[K], worker_id: WorkerId
+) -> None:
+    for key in old - new:
+        ids = index[key]
+        ids.discard(worker_id)
+        if not ids:
+            del index[key]
+    for key in new - old:
+        index.setdefault(key, set()).add(worker_id)

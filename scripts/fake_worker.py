@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""A fast fake of SGLang / vLLM inference servers (and of a gRPC-only port), for tests and load.
+
+One trio process serves many ports, each an independent FakeWorker with its own config copy and
+counters; HTTP/1.1 is spoken with h11 directly (keep-alive, chunked SSE). CLI: see ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import errno
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from functools import partial
+from http import HTTPStatus
+from typing import Any, NamedTuple
+
+import h11
+import trio
+
+MAX_BODY = 8 * 1024 * 1024
+RECV_SIZE = 65536
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type SETTINGS, flags 0, stream 0
+H2_SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"  # same, flags ACK
+H2_GOAWAY = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x01"
+INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate"})
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_DONE = b"data: [DONE]\n\n"
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+JsonObj = dict[str, Any]
+
+
+@dataclass(kw_only=True)
+class FakeWorkerConfig:
+    model: str = "fake-model"
+    flavor: str = "sglang"  # "sglang" | "vllm" | "grpc"
+    latency: float = 0.0  # seconds added before answering inference routes
+    token_delay: float = 0.0  # seconds between SSE chunks
+    fail_health: bool = False  # /health answers 503
+    startup_delay: float = 0.0  # every route answers 503 {"error": "loading"} for this long
+    die_after: int | None = None  # after this many requests the port stops serving
+    host: str = "127.0.0.1"
+
+
+class Reply(NamedTuple):
+    status: int
+    body: bytes = b""
+    sse: list[bytes] | None = None  # when set: a text/event-stream of these chunks, then [DONE]
+
+
+def _json(status: int, obj: object) -> Reply:
+    return Reply(status, json.dumps(obj).encode())
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> Reply:
+    return _json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+
+class Refused(Exception):  # raised by a route to answer with an error instead
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.reply = _error(status, message, kind)
+
+
+def _sse(obj: object) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def _send(conn: h11.Connection, *events: h11.Event) -> bytes:
+    return b"".join(conn.send(event) or b"" for event in events)
+
+
+async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
+    while (event := conn.next_event()) is h11.NEED_DATA:
+        conn.receive_data(await stream.receive_some(RECV_SIZE))
+    return event
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close, then drain what the peer still sends, so our last bytes are not reset away."""
+    with trio.move_on_after(2):
+        await stream.send_eof()
+        while await stream.receive_some(RECV_SIZE):
+            pass
+
+
+class FakeWorker:
+    """One port's fake server. Tests may mutate ``config`` while it runs (same trio thread)."""
+
+    def __init__(
+        self, config: FakeWorkerConfig, listeners: list[trio.SocketListener], log: bool = False
+    ) -> None:
+        self.config = config
+        self.port: int = int(listeners[0].socket.getsockname()[1])
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.requests = 0
+        self.log = log
+        self.started_at = trio.current_time()
+        self.created = int(time.time())
+        self._listeners = listeners
+        self._scope = trio.CancelScope()
+        self._port_header = str(self.port).encode()
+
+    def close_listeners(self) -> None:
+        for listener in self._listeners:
+            listener.socket.close()
+
+    async def serve(self) -> None:
+        """Serve until cancelled or until ``die_after`` requests were answered."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    for listener in self._listeners:
+                        nursery.start_soon(self._accept, listener, nursery)
+        finally:
+            self.close_listeners()
+
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except trio.ClosedResourceError:
+                return
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_RETRY:
+                    raise
+                await trio.sleep(0.1)  # out of file descriptors: wait, as trio.serve_tcp does
+            else:
+                nursery.start_soon(self._connection, stream)
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
+        try:
+            if self.config.flavor == "grpc":
+                await self._serve_h2(stream)
+            else:
+                await self._serve_http(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer hung up
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _count(self, key: str) -> bool:
+        """Count a request; True when it is the last one this port answers (die_after)."""
+        self.requests += 1
+        self.counts[key] += 1
+        if self.config.die_after is not None and self.requests >= self.config.die_after:
+            self.close_listeners()  # right away, so new connects are refused from now on
+            return True
+        return False
+
+    def _log(self, what: str, status: int) -> None:
+        if self.log:
+            print(f"port={self.port} {what} -> {status}", flush=True)
+
+    async def _serve_h2(self, stream: trio.SocketStream) -> None:
+        buf = b""
+        while len(buf) < len(H2_PREFACE) and H2_PREFACE.startswith(buf):
+            if not (data := await stream.receive_some(RECV_SIZE)):
+                return
+            buf += data
+        ok = buf.startswith(H2_PREFACE)
+        dying = self._count("h2 preface" if ok else "h2 not-a-preface")
+        self._log("PRI * HTTP/2.0" if ok else "non-HTTP/2 bytes", 200 if ok else 400)
+        if ok:
+            await stream.send_all(H2_SETTINGS + H2_SETTINGS_ACK)
+            while not dying and await stream.receive_some(RECV_SIZE):
+                pass
+        else:
+            await stream.send_all(H2_GOAWAY)
+            await _linger(stream)
+        if dying:
+            self._scope.cancel()
+
+    async def _serve_http(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while isinstance(request := await _next_event(conn, stream), h11.Request):
+                body: bytearray | None = bytearray()
+                if any(k == b"content-length" and int(v) > MAX_BODY for k, v in request.headers):
+                    body = None
+                while body is not None:
+                    event = await _next_event(conn, stream)
+                    if isinstance(event, h11.EndOfMessage):
+                        break
+                    if not isinstance(event, h11.Data):
+                        return
+                    body += event.data
+                    body = None if len(body) > MAX_BODY else body
+                method = request.method.decode("ascii")
+                path = request.target.partition(b"?")[0].decode("latin-1")
+                dying = self._count(f"{method} {path}")
+                reply = await self._reply(method, path, body)
+                self._log(f"{method} {path}", reply.status)
+                await self._send_reply(conn, stream, reply, close=dying or body is None)
+                if dying:
+                    self._scope.cancel()  # closes every connection of this port
+                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    await _linger(stream)
+                    return
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                reply = _error(exc.error_status_hint, f"bad request: {exc}")
+                await self._send_reply(conn, stream, reply, close=True)
+                await _linger(stream)
+
+    async def _send_reply(
+        self, conn: h11.Connection, stream: trio.SocketStream, reply: Reply, *, close: bool
+    ) -> None:
+        headers = [(b"x-fake-worker-port", self._port_header)]
+        if close:
+            headers.append((b"connection", b"close"))
+        if reply.sse is None:
+            if reply.body:
+                headers.append((b"content-type", b"application/json"))
+            headers.append((b"content-length", str(len(reply.body)).encode()))
+        else:
+            headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        reason = _REASONS.get(reply.status, b"")
+        head = _send(conn, h11.Response(status_code=reply.status, headers=headers, reason=reason))
+        if reply.sse is None:
+            await stream.send_all(head + _send(conn, h11.Data(data=reply.body), h11.EndOfMessage()))
+            return
+        for i, chunk in enumerate(reply.sse):  # one write per token; the head rides on the first
+            if i and self.config.token_delay > 0:
+                await trio.sleep(self.config.token_delay)
+            await stream.send_all(head + _send(conn, h11.Data(data=chunk)))
+            head = b""
+        await stream.send_all(head + _send(conn, h11.Data(data=_DONE), h11.EndOfMessage()))
+
+    # ---- routes ----
+
+    async def _reply(self, method: str, path: str, body: bytearray | None) -> Reply:
+        cfg, m, sglang = self.config, self.config.model, self.config.flavor == "sglang"
+        if body is None:
+            return _error(413, f"request body over {MAX_BODY} bytes")
+        if trio.current_time() - self.started_at < cfg.startup_delay:
+            return _json(503, {"error": "loading"})
+        if method == "GET" and path == "/health":
+            return Reply(503 if cfg.fail_health else 200)
+        if method == "GET" and path == "/v1/models":
+            card = {"id": m, "object": "model", "created": self.created, "root": m}
+            card |= {"owned_by": cfg.flavor, "max_model_len": 4096}
+            return _json(200, {"object": "list", "data": [card]})
+        if method == "GET" and path == "/_stats":
+            return _json(200, {"port": self.port, "counts": dict(self.counts)})
+        if method == "GET" and path == "/version" and not sglang:
+            return _json(200, {"version": "0.0.0-fake"})
+        if method == "GET" and path in ("/server_info", "/get_server_info") and sglang:
+            return _json(200, {
+                "model_path": m, "tokenizer_path": m, "served_model_name": m, "host": cfg.host,
+                "port": self.port, "dp_size": 1, "tp_size": 1, "max_total_num_tokens": 65536,
+                "max_running_requests": 256, "context_length": 4096, "version": "0.0.0-fake",
+                "disaggregation_mode": "null", "load_balance_method": "round_robin",
+            })  # fmt: skip
+        if method == "GET" and path in ("/model_info", "/get_model_info") and sglang:
+            return _json(200, {
+                "model_path": m, "tokenizer_path": m, "is_generation": True, "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"], "has_image_understanding": False,
+            })  # fmt: skip
+        if method != "POST" or path not in INFERENCE or (path == "/generate" and not sglang):
+            return _error(404, f"no route {method} {path}", "not_found_error")
+        if cfg.latency > 0:
+            await trio.sleep(cfg.latency)
+        try:
+            if path == "/v1/embeddings":
+                return self._embeddings(bytes(body))
+            if path == "/generate":
+                return self._generate(bytes(body))
+            return self._complete(bytes(body), chat=path == "/v1/chat/completions")
+        except Refused as exc:
+            return exc.reply
+
+    def _parse(self, body: bytes, *, need_model: bool = True) -> JsonObj:
+        try:
+            req = json.loads(body)
+        except ValueError:
+            raise Refused(400, "the body is not valid JSON") from None
+        if not isinstance(req, dict):
+            raise Refused(400, "the body must be a JSON object")
+        model = req.get("model")
+        if need_model and (not isinstance(model, str) or not model):
+            raise Refused(400, "'model' is required")
+        if need_model and model != self.config.model:
+            raise Refused(404, f"the model {model!r} does not exist", "NotFoundError")
+        return req
+
+    def _tokens(self, n: object) -> list[str]:
+        n = 8 if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise Refused(400, "max_tokens must be a non-negative integer")
+        return ([f"[port {self.port}]"] + [" tok"] * (min(n, 4096) - 1))[:n]
+
+    def _complete(self, body: bytes, *, chat: bool) -> Reply:
+        req = self._parse(body)
+        toks = self._tokens(req.get("max_tokens", req.get("max_completion_tokens")))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-fake-{self.port}-{self.requests}"
+        base = {"id": rid, "created": int(time.time()), "model": self.config.model}
+        usage = {"prompt_tokens": len(body) // 4, "completion_tokens": len(toks)}
+        usage["total_tokens"] = usage["prompt_tokens"] + len(toks)
+        choice: JsonObj
+        if req.get("stream"):
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            chunks = []
+            for i, tok in enumerate(toks):
+                delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
+                choice = {"delta": delta} if chat else {"text": tok}
+                choice |= {"index": 0, "logprobs": None}
+                choice["finish_reason"] = "length" if i == len(toks) - 1 else None
+                chunks.append(_sse({**base, "object": obj, "choices": [choice]}))
+            opts = req.get("stream_options")
+            if isinstance(opts, dict) and opts.get("include_usage"):
+                chunks.append(_sse({**base, "object": obj, "choices": [], "usage": usage}))
+            return Reply(200, sse=chunks)
+        text = "".join(toks)
+        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        choice |= {"index": 0, "finish_reason": "length", "logprobs": None}
+        obj = "chat.completion" if chat else "text_completion"
+        return _json(200, {**base, "object": obj, "choices": [choice], "usage": usage})
+
+    def _embeddings(self, body: bytes) -> Reply:
+        req = self._parse(body)
+        inputs = req.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs:
+            raise Refused(400, "'input' must be a string or a non-empty list")
+        if all(isinstance(i, int) for i in inputs):
+            inputs = [inputs]  # one pre-tokenised input
+        vectors = [[(i + j) % 10 / 10 for j in range(8)] for i in range(len(inputs))]
+        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
+        usage = {"prompt_tokens": len(body) // 4, "total_tokens": len(body) // 4}
+        return _json(200, {"object": "list", "data": data, "model": req["model"], "usage": usage})
+
+    def _generate(self, body: bytes) -> Reply:
+        req = self._parse(body, need_model=False)
+        params = req.get("sampling_params")
+        toks = self._tokens(params.get("max_new_tokens") if isinstance(params, dict) else None)
+        meta = {"id": f"fake-{self.port}-{self.requests}", "prompt_tokens": len(body) // 4}
+        meta |= {"completion_tokens": len(toks), "finish_reason": {"type": "length"}}
+        return _json(200, {"text": "".join(toks), "meta_info": meta})
+
+
+async def serve_fake_workers(
+    ports: Sequence[int], config: FakeWorkerConfig, *, log: bool = False,
+    task_status: trio.TaskStatus[list[FakeWorker]] = trio.TASK_STATUS_IGNORED,
+) -> None:  # fmt: skip
+    """Serve one independent fake worker per port (0 = OS-chosen) until cancelled.
+
+    ``task_status.started(workers)`` once every listener is bound; returns early only if every
+    port died (``die_after``)."""
+    workers: list[FakeWorker] = []
+    try:
+        for port in ports:
+            listeners = await trio.open_tcp_listeners(port, host=config.host)
+            workers.append(FakeWorker(replace(config), listeners, log=log))
+        async with trio.open_nursery() as nursery:
+            for worker in workers:
+                nursery.start_soon(worker.serve)
+            task_status.started(workers)
+    finally:
+        for worker in workers:
+            worker.close_listeners()
+
+
+def parse_ports(spec: str, count: int | None = None) -> list[int]:
+    """``41000-41009``, ``41000,41005-41006`` or ``0``; ``count`` repeats ``0`` N times."""
+    ports: list[int] = []
+    for part in spec.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        ports.extend(range(int(lo), int(hi) + 1) if dash else [int(lo)])
+    if count is not None:
+        if ports != [0]:
+            raise ValueError("--count goes with --ports 0 (OS-chosen ports)")
+        ports = [0] * count
+    return ports
+
+
+async def _run(ports: list[int], config: FakeWorkerConfig, log: bool) -> int:
+    workers: list[FakeWorker] = []
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            try:
+                workers = await nursery.start(partial(serve_fake_workers, ports, config, log=log))
+            except OSError as exc:
+                print(f"fake_worker: cannot listen: {exc}", file=sys.stderr, flush=True)
+                return 1
+            listening = {"listening": [w.port for w in workers], "host": config.host}
+            listening |= {"model": config.model, "flavor": config.flavor}
+            print(json.dumps(listening), flush=True)
+            async for _ in signals:
+                break
+            nursery.cancel_scope.cancel()
+    counts = {str(w.port): dict(w.counts) for w in workers}
+    print(json.dumps({"counts": counts}), file=sys.stderr, flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Fake SGLang/vLLM/gRPC workers, one per port.")
+    p.add_argument("--ports", default="0", help="41000-41009, a comma list, or 0 (default)")
+    p.add_argument("--count", type=int, help="serve N OS-chosen ports (with --ports 0)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--flavor", choices=("sglang", "vllm", "grpc"), default="sglang")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before inference replies")
+    p.add_argument("--token-delay", type=float, default=0.0, help="seconds between SSE chunks")
+    p.add_argument("--fail-health", action="store_true", help="/health answers 503")
+    p.add_argument("--startup-delay", type=float, default=0.0, help="503 loading for N seconds")
+    p.add_argument("--die-after", type=int, help="stop serving a port after N requests")
+    p.add_argument("--log", action="store_true", help="print one line per request")
+    args = p.parse_args(argv)
+    try:
+        ports = parse_ports(args.ports, args.count)
+    except ValueError as exc:
+        p.error(str(exc))
+    config = FakeWorkerConfig(**{f.name: getattr(args, f.name) for f in fields(FakeWorkerConfig)})
+    return trio.run(_run, ports, config, args.log)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
