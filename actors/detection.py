@@ -9,6 +9,7 @@ Every failure raises DetectionError with a sentence an operator can act on.
 
 from __future__ import annotations
 
+import errno
 import json
 import ssl
 from typing import Any
@@ -23,6 +24,12 @@ from actors.urls import WorkerUrl
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
 _INFO_KEYS_SKIPPED = {"host", "port", "internal_states"}
+_ERRNO_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+}
 
 
 class _NotHttp(Exception):
@@ -151,10 +158,16 @@ async def probe_http2(url: WorkerUrl) -> None:
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    if "refused" in text.lower():
-        return "connection refused"
-    return text
+    """A short cause: "connection refused" and the like when the chain of errors says so."""
+    seen: list[BaseException] = [error]
+    while seen:
+        current = seen.pop()
+        if isinstance(current, OSError) and current.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[current.errno]
+        if isinstance(current, BaseExceptionGroup):
+            seen.extend(current.exceptions)
+        seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return str(error) or type(error).__name__
 
 
 def _parse_models(response: httpx.Response, url: WorkerUrl) -> tuple[list[ModelCard], str | None]:

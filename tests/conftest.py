@@ -1,0 +1,69 @@
+"""Shared fixtures: a fresh gateway per test, its HTTP API on a real socket, fake workers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from actors import GatewayConfig, open_gateway
+from actors.service import Gateway
+from api.serve import serve_api
+from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
+
+# Registration retries fast in tests; nothing waits on wall-clock defaults.
+FAST = GatewayConfig(backoff_initial_secs=0.001, backoff_max_secs=0.01, recheck_interval_secs=0)
+
+StartWorkers = Callable[..., Awaitable[list[FakeWorker]]]
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    async with open_gateway(FAST) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def base_url(gateway: Gateway, nursery: trio.Nursery) -> str:
+    [url] = await nursery.start(partial(serve_api, gateway, bind="127.0.0.1:0"))
+    assert isinstance(url, str)
+    return url
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, trust_env=False) as client:
+        yield client
+
+
+@pytest.fixture
+def start_workers(nursery: trio.Nursery) -> StartWorkers:
+    """``await start_workers(n, model="m", flavor="vllm")`` → n fake workers on fresh ports."""
+
+    async def start(count: int = 1, **knobs: object) -> list[FakeWorker]:
+        config = replace(FakeWorkerConfig(), **knobs)  # type: ignore[arg-type]
+        workers: list[FakeWorker] = await nursery.start(serve_fake_workers, [0] * count, config)
+        return workers
+
+    return start
+
+
+async def wait_until(gateway: Gateway, condition: Callable[[], bool]) -> None:
+    """Wait (bounded by the caller's fail_after) until ``condition`` holds on a snapshot."""
+    while not condition():
+        await gateway.wait_changed()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """With TMG_MIN_TESTS set (the README's test command sets it), a run that collected fewer
+    tests than that fails, so a collection mistake can never pass as green."""
+    minimum = int(os.environ.get("TMG_MIN_TESTS", "0"))
+    if minimum and session.testscollected < minimum:
+        print(f"\nonly {session.testscollected} tests collected; expected at least {minimum}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
