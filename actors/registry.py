@@ -17,7 +17,7 @@ import outcome
 import trio
 
 from actors.commands import CancelJob, StartJob
-from actors.errors import RegistryError
+from actors.errors import GatewayError
 from actors.mailbox import Inbox, refuse_pending
 from actors.model import WorkerId
 from actors.snapshot import RegistrySnapshot
@@ -73,7 +73,7 @@ async def run_registry(
                         result: outcome.Outcome[object] = outcome.Value(
                             table.apply(envelope.message, now=clock(), job_slots=int(free))  # type: ignore[arg-type]
                         )
-                    except RegistryError as error:  # an expected "no" goes back to the asker
+                    except GatewayError as error:  # an expected "no" goes back to the asker
                         result = outcome.Error(error)
                     carry_out_effects()
                     publish(table.snapshot())  # before the reply: read-your-writes
