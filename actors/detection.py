@@ -167,7 +167,8 @@ def _reason(error: BaseException) -> str:
         if isinstance(current, BaseExceptionGroup):
             seen.extend(current.exceptions)
         seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
-    return str(error) or type(error).__name__
+    text = str(error) or type(error).__name__
+    return "connection refused" if "refused" in text.lower() else text
 
 
 def _parse_models(response: httpx.Response, url: WorkerUrl) -> tuple[list[ModelCard], str | None]:

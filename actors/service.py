@@ -123,17 +123,21 @@ class Gateway:
         status: WorkerStatus | str,
         timeout: float,  # noqa: ASYNC109 - the library's documented signature
     ) -> Worker:
-        """Wait until the worker has ``status``. Raises WorkerNotFound if it is removed,
-        WorkerFailed if it fails while another status is awaited, trio.TooSlowError on timeout."""
+        """Wait until the worker has ``status``. Raises WorkerNotFound if it is (or gets)
+        removed; WorkerFailed if it turns ``failed`` during the wait while another status is
+        awaited (one that is failed already may still come back: a retry or recheck);
+        trio.TooSlowError after ``timeout`` seconds."""
         wanted = WorkerStatus(status)
         with trio.fail_after(timeout):
+            previous = self.get_worker(worker_id).status
             while True:
                 worker = self.get_worker(worker_id)
                 if worker.status is wanted:
                     return worker
-                if worker.status is WorkerStatus.FAILED:
+                if worker.status is WorkerStatus.FAILED and previous is not WorkerStatus.FAILED:
                     message = worker.job.message if worker.job else None
                     raise WorkerFailed(worker_id, message or "registration failed")
+                previous = worker.status
                 await self.wait_changed()
 
     async def wait_removed(

@@ -1,0 +1,132 @@
+"""The console script: flags, the public-bind refusal, and a real `tmg serve` process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from api.cli import ADMIN_KEY_ENV, build_parser, parse_args
+from tests.conftest import StartWorkers
+
+
+def test_serve_help_lists_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--host",
+        "--port",
+        "--worker-url",
+        "--policy",
+        "--admin-api-key",
+        "--allow-unauthenticated-admin",
+        "--registration-concurrency",
+        "--registration-queue-size",
+        "--state",
+        "--config",
+        "--log-level",
+        "--log-format",
+        "--shutdown-grace-secs",
+    ):
+        assert flag in text
+    assert "127.0.0.1" in text and "30000" in text and "1024" in text
+
+
+def test_defaults_bind_loopback_with_the_documented_sizes() -> None:
+    args = parse_args(["serve"])
+    assert (args.host, args.port) == ("127.0.0.1", 30000)
+    assert (args.registration_concurrency, args.registration_queue_size) == (8, 1024)
+
+
+def test_a_public_bind_without_an_admin_key_refuses_to_start(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["serve", "--host", "0.0.0.0"])
+    assert exit_info.value.code == 2
+    assert "admin key" in capsys.readouterr().err
+    assert parse_args(["serve", "--host", "0.0.0.0", "--admin-api-key", "k"]).admin_api_key == "k"
+    assert parse_args(["serve", "--host", "0.0.0.0", "--allow-unauthenticated-admin"])
+    monkeypatch.setenv(ADMIN_KEY_ENV, "from-env")
+    assert parse_args(["serve", "--host", "::"]).admin_api_key == "from-env"
+
+
+def test_bad_flags_are_refused_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, text in (
+        (["serve", "--worker-url", "ftp://a:1"], "--worker-url"),
+        (["serve", "--registration-concurrency", "0"], "registration_concurrency"),
+        (["serve", "--state", "/tmp/x.json"], "--state"),
+        (["serve", "--port", "70000"], "--port"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert text in capsys.readouterr().err
+
+
+def test_a_config_file_sets_defaults_that_flags_override(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tmg.toml"
+    config.write_text('port = 31000\npolicy = "random"\nworker_url = ["127.0.0.1:41000"]\n')
+    args = parse_args(["serve", "--config", str(config), "--policy", "power_of_two"])
+    assert (args.port, args.policy, args.worker_url) == (31000, "power_of_two", ["127.0.0.1:41000"])
+    config.write_text("prot = 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["serve", "--config", str(config)])
+    assert "prot" in capsys.readouterr().err
+
+
+def test_every_serve_option_is_a_known_config_key() -> None:
+    _, serve = build_parser()
+    assert {"host", "port", "worker_url", "shutdown_grace_secs"} <= {a.dest for a in serve._actions}
+
+
+async def test_tmg_serve_registers_its_worker_urls_and_stops_cleanly_on_sigterm(
+    start_workers: StartWorkers,
+) -> None:
+    [worker] = await start_workers(1)
+    command = [
+        sys.executable,
+        "-m",
+        "api.cli",
+        "serve",
+        "--port",
+        "0",
+        "--worker-url",
+        f"127.0.0.1:{worker.port}",
+        "--log-level",
+        "warning",
+    ]
+    with trio.fail_after(30):
+        process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+        try:
+            assert process.stdout is not None
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(1)
+                assert chunk, "tmg serve exited before it listened"
+                line += chunk
+            url = json.loads(line)["listening"]
+            assert url.startswith("http://127.0.0.1:")
+            async with httpx.AsyncClient(base_url=url, trust_env=False) as client:
+                listing = (await client.get("/workers")).json()
+                health = await client.get("/health")
+            process.send_signal(signal.SIGTERM)
+            code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+    assert health.text == "OK"
+    assert [w["url"].rsplit(":", 1)[1] for w in listing["workers"]] == [str(worker.port)]
+    assert code == 0
