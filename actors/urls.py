@@ -62,7 +62,9 @@ def parse_worker_url(raw: str) -> WorkerUrl:
         raise InvalidUrl(repr(raw), "must be a string")
     if raw == "":
         raise InvalidUrl(raw, "must not be empty")
-    if len(raw.encode()) > MAX_URL_BYTES:
+    if not raw.isascii():
+        raise InvalidUrl(raw[:64], "must be ASCII (write an international host name in punycode)")
+    if len(raw) > MAX_URL_BYTES:
         raise InvalidUrl(raw[:64] + "...", f"is longer than {MAX_URL_BYTES} bytes")
     if any(ch.isspace() for ch in raw) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
         raise InvalidUrl(raw, "must not contain whitespace or control characters")
@@ -116,7 +118,7 @@ def _split_host_port(raw: str, netloc: str, scheme: str | None) -> tuple[str, in
         if scheme in DEFAULT_PORTS:
             return host, DEFAULT_PORTS[scheme]
         raise InvalidUrl(raw, "must carry a port (grpc, grpcs and bare addresses have no default)")
-    if not port_text.isdigit() or len(port_text) > 5:
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
         raise InvalidUrl(raw, f"port {port_text!r} is not a number")
     port = int(port_text)
     if not 1 <= port <= 65535:

@@ -51,12 +51,20 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def _size(field: str, value: str) -> int:
+    """UTF-8 length; a string JSON decoded with a lone surrogate is refused."""
+    try:
+        return len(value.encode())
+    except UnicodeEncodeError:
+        raise InvalidInput(field, "is not valid Unicode text (lone surrogate)") from None
+
+
 def _text(field: str, value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput(field, f"must be a string, not {_kind(value)}")
     if not value:
         raise InvalidInput(field, "must not be empty")
-    if len(value.encode()) > MAX_TEXT_BYTES:
+    if _size(field, value) > MAX_TEXT_BYTES:
         raise InvalidInput(field, f"is longer than {MAX_TEXT_BYTES} bytes")
     return value
 
@@ -108,13 +116,13 @@ def _labels(field: str, value: object, *, allow_null: bool = False) -> dict[str,
     if len(value) > MAX_LABELS:
         raise InvalidInput(field, f"has {len(value)} labels; at most {MAX_LABELS} are accepted")
     for key, item in value.items():
-        if not key or len(key.encode()) > MAX_LABEL_KEY_BYTES:
+        if not key or _size(field, key) > MAX_LABEL_KEY_BYTES:
             raise InvalidInput(field, f"keys must be 1 to {MAX_LABEL_KEY_BYTES} bytes")
         if item is None and allow_null:
             continue
         if not isinstance(item, str):
             raise InvalidInput(f"{field}.{key}", f"must be a string, not {_kind(item)}")
-        if len(item.encode()) > MAX_LABEL_VALUE_BYTES:
+        if _size(f"{field}.{key}", item) > MAX_LABEL_VALUE_BYTES:
             raise InvalidInput(f"{field}.{key}", f"is longer than {MAX_LABEL_VALUE_BYTES} bytes")
     return dict(value)
 
