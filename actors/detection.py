@@ -77,6 +77,8 @@ class Detector:
                 raise DetectionError(f"GET {target}: no answer in time") from None
             except (httpx.RemoteProtocolError, httpx.LocalProtocolError) as error:
                 raise _NotHttp(_reason(error)) from None
+            except (httpx.ReadError, httpx.WriteError) as error:  # e.g. an h2-only peer resets
+                raise _NotHttp(_reason(error)) from None
             except httpx.HTTPError as error:
                 raise DetectionError(f"GET {target}: {_reason(error)}") from None
 
