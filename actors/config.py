@@ -32,6 +32,13 @@ class GatewayConfig:
 
     def resolve(self, spec: WorkerSpec) -> WorkerSpec:
         """The spec with every unset timing field taken from these defaults."""
+        if None not in (
+            spec.max_connection_attempts,
+            spec.registration_timeout_secs,
+            spec.recheck_interval_secs,
+            spec.drain_timeout_secs,
+        ):
+            return spec
         return replace(
             spec,
             max_connection_attempts=_pick(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import ssl
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import trio
@@ -34,6 +34,12 @@ _ERRNO_REASONS = {
 
 class _NotHttp(Exception):
     """The peer accepted a connection but did not answer like an HTTP/1.1 server."""
+
+
+class Probe(Protocol):
+    """What the registrar needs from detection (tests and embedders may bring their own)."""
+
+    async def detect(self, spec: WorkerSpec) -> Detection: ...
 
 
 class Detector:

@@ -35,6 +35,11 @@ class Reply(Generic[T]):
             self._result = result
             self._event.set()
 
+    def refuse(self) -> None:
+        """Answer GatewayStopped unless already answered."""
+        if self._result is None:
+            self.answer(outcome.Error(GatewayStopped()))
+
     async def wait(self) -> T:
         await self._event.wait()
         assert self._result is not None
@@ -49,8 +54,7 @@ class Reply(Generic[T]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._result is None:
-            self.answer(outcome.Error(GatewayStopped()))
+        self.refuse()
 
 
 @dataclass(slots=True)
@@ -72,6 +76,15 @@ async def ask(outbox: Outbox, message: Ask[T]) -> T:
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise GatewayStopped() from None
     return await envelope.reply.wait()
+
+
+async def tell(outbox: Outbox, message: Ask[T]) -> None:
+    """Send ``message`` without waiting for the answer (for news whose answer changes
+    nothing for the sender). Raises GatewayStopped if the actor has stopped."""
+    try:
+        await outbox.send(Envelope(message))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise GatewayStopped() from None
 
 
 def refuse_pending(inbox: Inbox) -> None:

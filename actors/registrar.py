@@ -16,9 +16,9 @@ import trio
 
 from actors.commands import MarkFailed, MarkReady, RecheckWorker, StartAttempt
 from actors.config import GatewayConfig
-from actors.detection import Detector
+from actors.detection import Probe
 from actors.errors import DetectionError, GatewayStopped, RegistryBusy, RegistryError
-from actors.mailbox import Outbox, ask
+from actors.mailbox import Outbox, ask, tell
 from actors.model import Detection, JobType, WorkerId, WorkerSpec
 from actors.registry import Job, JobsReceive
 
@@ -28,7 +28,7 @@ log = logging.getLogger("tmg.registrar")
 async def run_registrar(
     jobs: JobsReceive,
     registry: Outbox,
-    detector: Detector,
+    detector: Probe,
     *,
     config: GatewayConfig,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -45,7 +45,7 @@ class _Registrar:
     def __init__(
         self,
         registry: Outbox,
-        detector: Detector,
+        detector: Probe,
         config: GatewayConfig,
         nursery: trio.Nursery,
     ) -> None:
@@ -69,7 +69,7 @@ class _Registrar:
 
     async def _run(self, job: Job) -> None:
         start = job.start
-        spec = self._config.resolve(start.spec)
+        spec = start.spec  # resolved by the Gateway: every timing field is set
         assert spec.max_connection_attempts is not None
         assert spec.registration_timeout_secs is not None
         limit = 1 if start.job_type is JobType.RECHECK else spec.max_connection_attempts
@@ -78,13 +78,14 @@ class _Registrar:
         attempt = 0
         with trio.move_on_after(timeout) as budget:
             for attempt in range(1, limit + 1):
-                await self._ask(
+                await tell(  # progress for GET readers; the answer changes nothing here
+                    self._registry,
                     StartAttempt(
                         worker_id=start.worker_id,
                         job_id=start.job_id,
                         attempt=attempt,
                         message=None if attempt == 1 else last_error,
-                    )
+                    ),
                 )
                 detection = await self._probe(spec, min(spec.health.timeout_secs, timeout))
                 if isinstance(detection, str):
@@ -134,6 +135,6 @@ class _Registrar:
                 return  # deleted, retried or recovered meanwhile
             return
 
-    async def _ask(self, message: StartAttempt | MarkReady | MarkFailed | RecheckWorker) -> None:
-        with trio.fail_after(self._config.ask_timeout_secs):
-            await ask(self._registry, message)
+    async def _ask(self, message: MarkReady | MarkFailed | RecheckWorker) -> None:
+        # no timeout: the registry never blocks, and its inbox is bounded (backpressure)
+        await ask(self._registry, message)

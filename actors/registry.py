@@ -1,9 +1,11 @@
 """run_registry(): the actor that owns the WorkerTable.
 
 It takes one envelope at a time from its bounded inbox, applies the command to the table (sync,
-so atomic), carries out the table's effects (queue a job with ``send_nowait``, cancel a job's
-scope), publishes the new snapshot, and only then answers: a client that got its reply reads its
-own write. It never awaits anyone but its inbox, so asks cannot deadlock.
+so atomic; a drain of a worker with nothing in flight completes in the same step), carries out
+the table's effects (queue a job with ``send_nowait``, cancel a job's scope), publishes the new
+snapshot, and only then answers: a client that got its reply reads its own write. When several
+asks are queued it applies them all, in order, and publishes once before answering them. It never
+awaits anyone but its inbox, so asks cannot deadlock.
 """
 
 from __future__ import annotations
@@ -16,14 +18,24 @@ from dataclasses import dataclass, field
 import outcome
 import trio
 
-from actors.commands import CancelJob, StartJob
+from actors.commands import (
+    BeginDrain,
+    CancelJob,
+    CreateWorker,
+    RecheckWorker,
+    ReplaceSpec,
+    RetryWorker,
+    StartJob,
+)
 from actors.errors import GatewayError
 from actors.mailbox import Inbox, refuse_pending
-from actors.model import WorkerId
+from actors.model import Worker, WorkerId, WorkerStatus
 from actors.snapshot import RegistrySnapshot
 from actors.table import WorkerTable
 
 log = logging.getLogger("tmg.registry")
+_STARTS_JOBS = (CreateWorker, ReplaceSpec, RetryWorker, RecheckWorker)
+MAX_BATCH = 64  # commands applied between two publishes when asks queue up
 
 
 @dataclass(slots=True)
@@ -44,6 +56,7 @@ async def run_registry(
     publish: Callable[[RegistrySnapshot], None],
     *,
     table: WorkerTable,
+    is_idle: Callable[[WorkerId], bool],
     clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -61,24 +74,53 @@ async def run_registry(
                         del jobs[worker_id]
                         running.cancel_scope.cancel()
 
+    def apply(message: object) -> outcome.Outcome[object]:
+        free = _free_slots(jobs_send) if isinstance(message, _STARTS_JOBS) else 0
+        try:
+            worker = table.apply(message, now=clock(), job_slots=free)  # type: ignore[arg-type]
+            if isinstance(message, BeginDrain) and _idle_now(worker, is_idle):
+                table.finish_drain(worker.id)  # nothing in flight: gone now
+            result: outcome.Outcome[object] = outcome.Value(worker)
+        except GatewayError as error:  # an expected "no" goes back to the asker
+            result = outcome.Error(error)
+        carry_out_effects()  # anything else is a bug: crash loudly (the finally below answers)
+        return result
+
     publish(table.snapshot())
     task_status.started()
     with inbox, jobs_send:
         try:
             async for envelope in inbox:
-                with envelope.reply:
-                    stats = jobs_send.statistics()
-                    free = stats.max_buffer_size - stats.current_buffer_used
+                batch = [envelope]  # whatever else is queued already: one publish for all
+                while len(batch) < MAX_BATCH:
                     try:
-                        result: outcome.Outcome[object] = outcome.Value(
-                            table.apply(envelope.message, now=clock(), job_slots=int(free))  # type: ignore[arg-type]
-                        )
-                    except GatewayError as error:  # an expected "no" goes back to the asker
-                        result = outcome.Error(error)
-                    carry_out_effects()
-                    publish(table.snapshot())  # before the reply: read-your-writes
-                    envelope.reply.answer(result)
+                        batch.append(inbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                try:
+                    results = [apply(queued.message) for queued in batch]
+                    publish(table.snapshot())  # before the replies: read-your-writes
+                    for queued, result in zip(batch, results, strict=True):
+                        queued.reply.answer(result)
+                finally:
+                    for queued in batch:
+                        queued.reply.refuse()  # no-op for the answered ones
         finally:
             refuse_pending(inbox)
             for job in jobs.values():
                 job.cancel_scope.cancel()
+
+
+def _free_slots(jobs_send: JobsSend) -> int:
+    stats = jobs_send.statistics()
+    return int(stats.max_buffer_size - stats.current_buffer_used)
+
+
+def _idle_now(worker: Worker, is_idle: Callable[[WorkerId], bool]) -> bool:
+    """A worker that just began draining with nothing in flight and no settle delay is
+    removed in the same step: no request can be routed to it in between."""
+    return (
+        worker.status is WorkerStatus.DRAINING
+        and not worker.spec.health.drain_settle_secs
+        and is_idle(worker.id)
+    )

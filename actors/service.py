@@ -26,7 +26,7 @@ from actors.commands import (
     UpdateSpec,
 )
 from actors.config import GatewayConfig
-from actors.detection import Detector
+from actors.detection import Detector, Probe
 from actors.errors import RegistryError, RegistryTimeout, WorkerFailed, WorkerNotFound
 from actors.inflight import InFlight
 from actors.mailbox import Envelope, Outbox, ask
@@ -51,7 +51,8 @@ class Gateway:
         self._registry = registry
         self._nursery = nursery
         self._snapshot = RegistrySnapshot()
-        self._changed = trio.Event()
+        self._changed: trio.Event | None = None  # created when someone waits
+        self._watchers: dict[WorkerId, trio.Event] = {}  # per-worker waits (wait_status)
         self._draining: set[WorkerId] = set()
 
     # ---- reads (the latest snapshot; never wait for the registry) -------------------------
@@ -107,12 +108,10 @@ class Gateway:
         """DELETE: a pending or failed worker is gone when this returns; a ready one drains
         (no new requests) and is removed once idle or after its drain timeout."""
         worker = await self._ask(BeginDrain(worker_id=worker_id))
-        if worker.status is WorkerStatus.DRAINING and worker_id not in self._draining:
-            if self.inflight.count(worker_id) == 0 and not worker.spec.health.drain_settle_secs:
-                await self._finish_drain(worker_id)  # idle: gone before the 202
-            else:
-                self._draining.add(worker_id)
-                self._nursery.start_soon(self._drain, worker)
+        # an idle worker is gone already (the registry removed it in the same step)
+        if self._snapshot.get(worker_id) is not None and worker_id not in self._draining:
+            self._draining.add(worker_id)
+            self._nursery.start_soon(self._drain, worker)
         return worker
 
     # ---- waiting --------------------------------------------------------------------------
@@ -128,17 +127,19 @@ class Gateway:
         awaited (one that is failed already may still come back: a retry or recheck);
         trio.TooSlowError after ``timeout`` seconds."""
         wanted = WorkerStatus(status)
-        with trio.fail_after(timeout):
-            previous = self.get_worker(worker_id).status
+        worker = self.get_worker(worker_id)
+        previous = worker.status
+        with trio.CancelScope(deadline=trio.current_time() + timeout):
             while True:
-                worker = self.get_worker(worker_id)
                 if worker.status is wanted:
                     return worker
                 if worker.status is WorkerStatus.FAILED and previous is not WorkerStatus.FAILED:
                     message = worker.job.message if worker.job else None
                     raise WorkerFailed(worker_id, message or "registration failed")
                 previous = worker.status
-                await self.wait_changed()
+                await self._wait_worker_changed(worker_id)
+                worker = self.get_worker(worker_id)
+        raise trio.TooSlowError(f"worker {worker_id} is {worker.status}, not {wanted}")
 
     async def wait_removed(
         self,
@@ -147,27 +148,39 @@ class Gateway:
     ) -> None:
         with trio.fail_after(timeout):
             while self._snapshot.get(worker_id) is not None:
-                await self.wait_changed()
+                await self._wait_worker_changed(worker_id)
 
     async def wait_changed(self) -> None:
         """Wait for the next published snapshot."""
+        if self._changed is None:
+            self._changed = trio.Event()
         await self._changed.wait()
+
+    async def _wait_worker_changed(self, worker_id: WorkerId) -> None:
+        """Wait for a snapshot in which this worker's record differs (or is gone)."""
+        event = self._watchers.get(worker_id)
+        if event is None:
+            event = self._watchers[worker_id] = trio.Event()
+        await event.wait()
 
     # ---- internals ------------------------------------------------------------------------
 
     def _publish(self, snapshot: RegistrySnapshot) -> None:
-        self._snapshot = snapshot
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        previous, self._snapshot = self._snapshot, snapshot
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        if self._watchers:
+            old, new = previous.workers, snapshot.workers
+            for worker_id in [w for w in self._watchers if old.get(w) is not new.get(w)]:
+                self._watchers.pop(worker_id).set()
 
     async def _ask(self, message: Ask[T]) -> T:
-        try:
-            with trio.fail_after(self.config.ask_timeout_secs):
-                return await ask(self._registry, message)
-        except trio.TooSlowError:
-            raise RegistryTimeout(
-                f"the registry did not answer within {self.config.ask_timeout_secs:g} s"
-            ) from None
+        timeout = self.config.ask_timeout_secs
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            return await ask(self._registry, message)
+        assert scope.cancelled_caught
+        raise RegistryTimeout(f"the registry did not answer within {timeout:g} s")
 
     async def _drain(self, worker: Worker) -> None:
         spec = worker.spec
@@ -193,11 +206,13 @@ async def open_gateway(
     config: GatewayConfig | None = None,
     *,
     http_transport: httpx.AsyncBaseTransport | None = None,
+    detector: Probe | None = None,
     clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[Gateway]:
     """Start the registry and the registration workflows; stop them all on exit.
 
-    ``http_transport`` replaces the network for detection (tests use ``httpx.MockTransport``).
+    ``http_transport`` replaces the network for detection (tests use ``httpx.MockTransport``);
+    ``detector`` replaces detection altogether (anything with ``async detect(spec)``).
     """
     config = config or GatewayConfig()
     client = httpx.AsyncClient(
@@ -213,11 +228,19 @@ async def open_gateway(
         table = WorkerTable(queue_size=config.registration_queue_size)
         await nursery.start(
             partial(
-                run_registry, inbox_receive, jobs_send, gateway._publish, table=table, clock=clock
+                run_registry,
+                inbox_receive,
+                jobs_send,
+                gateway._publish,
+                table=table,
+                is_idle=lambda worker_id: gateway.inflight.count(worker_id) == 0,
+                clock=clock,
             )
         )
         await nursery.start(
-            partial(run_registrar, jobs_receive, inbox_send, Detector(client), config=config)
+            partial(
+                run_registrar, jobs_receive, inbox_send, detector or Detector(client), config=config
+            )
         )
         try:
             yield gateway

@@ -396,9 +396,21 @@ class WorkerTable:
             del self._by_key[old.key]
         else:
             return
+        if old is not None and new is not None and _same_indexed(old, new):
+            return  # an update that moves no index entry
         _diff(self._by_model, _models(old), _models(new), worker_id)
         _diff(self._by_type, _types(old), _types(new), worker_id)
         _diff(self._by_mode, _modes(old), _modes(new), worker_id)
+
+
+def _same_indexed(old: Worker, new: Worker) -> bool:
+    """True when every indexed attribute (status, models, type, mode, address) is unchanged."""
+    return (
+        old.status is new.status
+        and old.detection is new.detection
+        and old.spec.worker_type is new.spec.worker_type
+        and old.spec.url == new.spec.url
+    )
 
 
 def _models(worker: Worker | None) -> frozenset[str]:

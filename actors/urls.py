@@ -62,10 +62,10 @@ def parse_worker_url(raw: str) -> WorkerUrl:
         raise InvalidUrl(repr(raw), "must be a string")
     if raw == "":
         raise InvalidUrl(raw, "must not be empty")
+    if len(raw.encode("utf-8", "surrogatepass")) > MAX_URL_BYTES:
+        raise InvalidUrl(raw[:64] + "...", f"is longer than {MAX_URL_BYTES} bytes")
     if not raw.isascii():
         raise InvalidUrl(raw[:64], "must be ASCII (write an international host name in punycode)")
-    if len(raw) > MAX_URL_BYTES:
-        raise InvalidUrl(raw[:64] + "...", f"is longer than {MAX_URL_BYTES} bytes")
     if any(ch.isspace() for ch in raw) or any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in raw):
         raise InvalidUrl(raw, "must not contain whitespace or control characters")
     scheme: str | None = None
