@@ -32,6 +32,7 @@ H2_GOAWAY = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00" + b"\x
 INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate"})
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _DONE = b"data: [DONE]\n\n"
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 JsonObj = dict[str, Any]
 
@@ -140,8 +141,8 @@ class FakeWorker:
                 await self._serve_h2(stream)
             else:
                 await self._serve_http(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the peer hung up
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError):
+            pass  # the peer hung up, or broke HTTP in a way we could not even answer
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -184,6 +185,8 @@ class FakeWorker:
                 body: bytearray | None = bytearray()
                 if any(k == b"content-length" and int(v) > MAX_BODY for k, v in request.headers):
                     body = None
+                elif conn.client_is_waiting_for_100_continue:
+                    await stream.send_all(_send(conn, _CONTINUE))
                 while body is not None:
                     event = await _next_event(conn, stream)
                     if isinstance(event, h11.EndOfMessage):
@@ -195,7 +198,8 @@ class FakeWorker:
                 method = request.method.decode("ascii")
                 path = request.target.partition(b"?")[0].decode("latin-1")
                 dying = self._count(f"{method} {path}")
-                reply = await self._reply(method, path, body)
+                reply = await self._reply("GET" if method == "HEAD" else method, path, body)
+                reply = Reply(reply.status) if method == "HEAD" else reply  # h11: no body
                 self._log(f"{method} {path}", reply.status)
                 await self._send_reply(conn, stream, reply, close=dying or body is None)
                 if dying:
