@@ -1,10 +1,11 @@
 """Benchmark: in-process registry throughput through open_gateway().
 
 One cycle = add_worker (create, job queued) → the registration workflow detects the worker →
-ready → remove_worker (idle, so removed at once). Detection is either a stub that answers at once
-(``--detection stub``, the default: the registry's and workflows' own cost) or the real Detector
-over httpx with a MockTransport (``--detection http``: adds httpx's cost of 2 to 4 probes). Cycles run from N concurrent clients, each on
-its own address. Prints one JSON line: command, cores, cycles per second, per-cycle latency.
+ready → remove_worker (idle, so removed at once). Detection is either a stub that answers at
+once (``--detection stub``, the default: the registry's and workflows' own cost) or the real
+Detector over httpx with a MockTransport (``--detection http``: adds httpx's cost of 2 to 4
+probes). Cycles run from N concurrent clients, each on its own address. Prints one JSON line:
+command, cores, cycles per second, per-cycle latency.
 
     .venv/bin/python scripts/bench_registry.py [--cycles 20000] [--clients 8]
 """
