@@ -1,10 +1,10 @@
 """WorkerTable: every registry rule, as synchronous methods (pure).
 
 Each method checks everything first and changes state only when nothing can fail any more, so a
-refused command leaves nothing half-done. Every change goes through ``_put``/``_delete``, which
-overwrite the record and then diff the indexes, so no index ever lags its record and a replaced
-worker is never missing from an index. Work that needs I/O (detection, cancelling a workflow) is
-returned as effects for the registry actor to carry out.
+refused command leaves nothing half-done. Every change goes through ``_put``/``_delete``
+(``WorkerIndexes``: overwrite the record, then diff the indexes), so no index ever lags its
+record and a replaced worker is never missing from an index. Work that needs I/O (detection,
+cancelling a workflow) is returned as effects for the registry actor to carry out.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any
 
+from actors import codec
 from actors.commands import (
     BeginDrain,
     CancelJob,
@@ -41,6 +42,7 @@ from actors.errors import (
     WorkerNotFailed,
     WorkerNotFound,
 )
+from actors.indexes import WorkerIndexes
 from actors.model import (
     ConnectionMode,
     Detection,
@@ -55,9 +57,6 @@ from actors.model import (
     WorkerType,
 )
 from actors.snapshot import RegistrySnapshot
-
-_ROUTED = (WorkerStatus.READY,)
-K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,17 +73,12 @@ class WorkerTable:
     def __init__(self, *, new_id: Callable[[], str] = _new_uuid, queue_size: int = 1024) -> None:
         self._new_id = new_id
         self.queue_size = queue_size
-        self._workers: dict[WorkerId, Worker] = {}
-        self._by_key: dict[str, WorkerId] = {}
-        self._by_model: dict[str, set[WorkerId]] = {}
-        self._by_type: dict[WorkerType, set[WorkerId]] = {}
-        self._by_mode: dict[ConnectionMode, set[WorkerId]] = {}
+        self._indexes = WorkerIndexes()
+        self._workers = self._indexes.workers  # read here; changed only via _put/_delete
         self._replacing: dict[WorkerId, _Replacement] = {}
         self._next_job_id = 1
         self._effects: list[Effect] = []
         self._job_slots = queue_size
-        self._version = 0
-        self._snapshot: RegistrySnapshot | None = None
 
     # ---- the one entry point the registry actor uses -------------------------------------
 
@@ -115,6 +109,36 @@ class WorkerTable:
             case SetHealth(worker_id=wid, healthy=healthy):
                 return self.set_health(wid, healthy, now=now)
 
+    def dump(self) -> dict[str, Any]:
+        """The whole table as plain JSON-able data (worker api_keys included)."""
+        return {
+            "format": codec.FORMAT,
+            "next_job_id": self._next_job_id,
+            "workers": [codec.worker_to_plain(worker) for worker in self._workers.values()],
+        }
+
+    @classmethod
+    def restore(cls, data: Mapping[str, Any], *, now: float, **options: Any) -> WorkerTable:
+        """A table holding a dump's workers. Work that was in progress restarts: a pending
+        worker's registration is queued again (its StartJob is in ``take_effects()``), a PUT
+        that had not swapped in yet is recorded as cancelled (the old spec kept serving), and a
+        draining worker is removed (after a restart nothing is in flight)."""
+        if data.get("format") != codec.FORMAT:
+            raise ValueError(f"unknown registry dump format {data.get('format')!r}")
+        table = cls(**options)
+        table._next_job_id = int(data["next_job_id"])
+        for plain in data["workers"]:
+            worker = codec.worker_from_plain(plain)
+            if worker.status is WorkerStatus.DRAINING:
+                continue
+            job = worker.job
+            if worker.status is WorkerStatus.PENDING:
+                job = table._start_job(worker.id, JobType.ADD, worker.spec, now)
+            elif job is not None and job.active:
+                job = replace(job, state=JobState.CANCELLED, message="the gateway restarted")
+            table._put(replace(worker, job=job))
+        return table
+
     def take_effects(self) -> list[Effect]:
         effects, self._effects = self._effects, []
         return effects
@@ -123,7 +147,7 @@ class WorkerTable:
 
     def create(self, spec: WorkerSpec, *, now: float) -> Worker:
         key = spec.url.key
-        if (existing := self._by_key.get(key)) is not None:
+        if (existing := self._indexes.by_key.get(key)) is not None:
             raise WorkerAlreadyExists(key, existing)
         self._require_job_slot()
         worker_id = self._new_id()
@@ -310,26 +334,19 @@ class WorkerTable:
         return self._workers
 
     def index_by_key(self) -> dict[str, WorkerId]:
-        return dict(self._by_key)
+        return dict(self._indexes.by_key)
 
     def index_by_model(self) -> dict[str, frozenset[WorkerId]]:
-        return {model: frozenset(ids) for model, ids in self._by_model.items()}
+        return {model: frozenset(ids) for model, ids in self._indexes.by_model.items()}
 
     def index_by_type(self) -> dict[WorkerType, frozenset[WorkerId]]:
-        return {kind: frozenset(ids) for kind, ids in self._by_type.items()}
+        return {kind: frozenset(ids) for kind, ids in self._indexes.by_type.items()}
 
     def index_by_mode(self) -> dict[ConnectionMode, frozenset[WorkerId]]:
-        return {mode: frozenset(ids) for mode, ids in self._by_mode.items()}
+        return {mode: frozenset(ids) for mode, ids in self._indexes.by_mode.items()}
 
     def snapshot(self) -> RegistrySnapshot:
-        if self._snapshot is None:
-            self._snapshot = RegistrySnapshot(
-                version=self._version,
-                workers=dict(self._workers),
-                by_key=dict(self._by_key),
-                by_model={m: tuple(ids) for m, ids in self._by_model.items()},
-            )
-        return self._snapshot
+        return self._indexes.snapshot()
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -374,67 +391,9 @@ class WorkerTable:
         self._replacing.pop(worker.id, None)
 
     def _put(self, worker: Worker) -> Worker:
-        old = self._workers.get(worker.id)
-        self._workers[worker.id] = worker
-        self._reindex(old, worker)
-        return worker
+        return self._indexes.put(worker)
 
     def _delete(self, worker: Worker) -> None:
-        del self._workers[worker.id]
+        self._indexes.delete(worker)
         self._replacing.pop(worker.id, None)
         self._effects.append(CancelJob(worker_id=worker.id, job_id=None))
-        self._reindex(worker, None)
-
-    def _reindex(self, old: Worker | None, new: Worker | None) -> None:
-        self._version += 1
-        self._snapshot = None
-        if new is not None:
-            worker_id = new.id
-            self._by_key[new.key] = worker_id
-        elif old is not None:
-            worker_id = old.id
-            del self._by_key[old.key]
-        else:
-            return
-        if old is not None and new is not None and _same_indexed(old, new):
-            return  # an update that moves no index entry
-        _diff(self._by_model, _models(old), _models(new), worker_id)
-        _diff(self._by_type, _types(old), _types(new), worker_id)
-        _diff(self._by_mode, _modes(old), _modes(new), worker_id)
-
-
-def _same_indexed(old: Worker, new: Worker) -> bool:
-    """True when every indexed attribute (status, models, type, mode, address) is unchanged."""
-    return (
-        old.status is new.status
-        and old.detection is new.detection
-        and old.spec.worker_type is new.spec.worker_type
-        and old.spec.url == new.spec.url
-    )
-
-
-def _models(worker: Worker | None) -> frozenset[str]:
-    if worker is None or worker.status not in _ROUTED:
-        return frozenset()
-    return worker.model_ids
-
-
-def _types(worker: Worker | None) -> frozenset[WorkerType]:
-    return frozenset() if worker is None else frozenset((worker.spec.worker_type,))
-
-
-def _modes(worker: Worker | None) -> frozenset[ConnectionMode]:
-    mode = None if worker is None else worker.connection_mode
-    return frozenset() if mode is None else frozenset((mode,))
-
-
-def _diff(
-    index: dict[K, set[WorkerId]], old: frozenset[K], new: frozenset[K], worker_id: WorkerId
-) -> None:
-    for key in old - new:
-        ids = index[key]
-        ids.discard(worker_id)
-        if not ids:
-            del index[key]
-    for key in new - old:
-        index.setdefault(key, set()).add(worker_id)
