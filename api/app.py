@@ -10,8 +10,8 @@ from werkzeug.exceptions import HTTPException
 
 from actors.errors import GatewayError
 from actors.service import Gateway
+from api.docs import docs_blueprint
 from api.health import health_blueprint
-from api.openapi import docs_blueprint
 from api.render import error_body, render_error
 from api.workers import workers_blueprint
 
