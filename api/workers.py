@@ -98,7 +98,10 @@ def workers_blueprint(gateway: Gateway, *, admin_api_key: str | None) -> Bluepri
 
     @workers.post("/workers/<worker_id>/retry")
     async def retry(worker_id: str) -> tuple[Response, int, dict[str, str]]:
-        worker = await gateway.retry_worker(_worker_id(worker_id))
+        worker_id = _worker_id(worker_id)
+        if (await request.get_data(as_text=False)).strip() not in (b"", b"{}"):
+            raise InvalidInput("", "POST /workers/{id}/retry takes no body")
+        worker = await gateway.retry_worker(worker_id)
         body = render_accepted(worker, "Registration retry queued")
         return jsonify(body), 202, {"Location": f"/workers/{worker.id}"}
 

@@ -101,6 +101,7 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("PATCH", f"/workers/{ID}", {"priority": 1}, J, 404, ID),
     ("DELETE", f"/workers/{ID}", None, {}, 404, ID),
     ("POST", f"/workers/{ID}/retry", None, {}, 404, ID),
+    ("POST", f"/workers/{ID}/retry", {"force": True}, J, 400, "no body"),
     ("PATCH", f"/workers/{ID}", {"url": "a:1"}, J, 400, "url"),
     ("PATCH", f"/workers/{ID}", {"bogus": 1}, J, 400, "bogus"),
     ("PATCH", f"/workers/{ID}", {}, J, 400, "no field"),
