@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Benchmark: the gateway's HTTP churn and registration figures, with one command.
+
+Starts one fake-worker process (109 OS-chosen ports) and one gateway process (``python -m api.cli
+serve --port 0``), unless ``--gateway URL`` points at another gateway (smg, for one), then runs
+scripts/loadtest.py three times, each on its own worker ports: churn with 1 client, churn with 8
+clients (``--duration`` seconds each), register with 100 workers. Each run's JSON line is relayed
+to stdout unchanged. Both processes are stopped at the end (SIGTERM, then SIGKILL after a
+timeout), also on error or Ctrl-C. Children's stderr is shown only when something failed.
+
+    .venv/bin/python scripts/bench_churn.py [--duration 10] [--gateway URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import IO, Any
+
+import trio
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = (("churn", 1), ("churn", 8), ("register", 100))  # (mode, clients or workers)
+WORKERS = sum(count for _, count in RUNS)  # distinct ports: no run sees another's leftovers
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+
+class Child:
+    """A long-running child process whose first stdout line is its JSON ``listening`` line."""
+
+    def __init__(self, name: str, command: list[str], log: IO[bytes]) -> None:
+        self.name, self.command = name, command
+        self.log = log  # its stderr, shown only on failure
+        self.process: trio.Process | None = None
+
+    async def start(self) -> Any:
+        self.process = await trio.lowlevel.open_process(
+            self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log
+        )
+        assert self.process.stdout is not None
+        line = b""
+        with trio.fail_after(START_TIMEOUT):
+            while not line.endswith(b"\n"):
+                chunk = await self.process.stdout.receive_some(65536)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited before printing its listening line")
+                line += chunk
+        return json.loads(line)["listening"]
+
+    async def stop(self) -> None:
+        """SIGTERM, wait, SIGKILL after STOP_TIMEOUT; shielded, so it runs even when cancelled."""
+        process = self.process
+        if process is None:
+            return
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(STOP_TIMEOUT):
+                    await process.wait()
+            if process.returncode is None:
+                print(f"bench_churn: {self.name} ignored SIGTERM: killing it", file=sys.stderr)
+                process.kill()
+                await process.wait()
+            if process.stdout is not None:
+                await process.stdout.aclose()
+
+    def show_log(self) -> None:
+        self.log.seek(0)
+        if text := self.log.read().decode(errors="replace"):
+            sys.stderr.write(f"--- {self.name} stderr ---\n{text}\n")
+
+
+async def run_loadtests(args: argparse.Namespace, gateway: str, ports: list[int]) -> bool:
+    """Run every loadtest in RUNS on its own slice of ``ports``; True if each exited 0."""
+    ok = True
+    first = 0
+    for mode, count in RUNS:
+        addresses = [f"127.0.0.1:{port}" for port in ports[first : first + count]]
+        first += count
+        command = [sys.executable, "scripts/loadtest.py", "--gateway", gateway, "--mode", mode]
+        if mode == "churn":
+            command += ["--clients", str(count), "--duration", str(args.duration)]
+        else:
+            command += ["--workers", str(count)]
+        if args.admin_api_key:
+            command += ["--admin-api-key", args.admin_api_key]
+        result = await trio.run_process(
+            [*command, "--worker-urls", *addresses],
+            cwd=ROOT,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+        sys.stdout.buffer.write(result.stdout)
+        sys.stdout.flush()
+        if result.returncode != 0:
+            ok = False
+            stderr = result.stderr.decode(errors="replace")
+            sys.stderr.write(f"--- loadtest {mode} {count} exited {result.returncode} ---\n")
+            sys.stderr.write(stderr + "\n")
+    return ok
+
+
+async def main(args: argparse.Namespace) -> int:
+    fake = [sys.executable, "scripts/fake_worker.py", "--count", str(WORKERS)]
+    serve = [sys.executable, "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning"]
+    ok = interrupted = False
+    with tempfile.TemporaryFile() as fake_log, tempfile.TemporaryFile() as serve_log:
+        children = [Child("fake_worker", fake, fake_log)]
+        if args.gateway is None:
+            children.append(Child("gateway", serve, serve_log))
+        try:
+            ports = await children[0].start()
+            gateway = args.gateway or await children[1].start()
+            ok = await run_loadtests(args, gateway, ports)
+        except (OSError, RuntimeError, ValueError, KeyError, trio.TooSlowError) as error:
+            print(f"bench_churn: {type(error).__name__}: {error}", file=sys.stderr)
+        except BaseException:  # Ctrl-C (perhaps in an exception group): stop, show no logs
+            interrupted = True
+            raise
+        finally:
+            for child in reversed(children):  # the gateway first: it may be probing the workers
+                await child.stop()
+            for child in children if not (ok or interrupted) else []:
+                child.show_log()
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of each churn run")
+    parser.add_argument("--gateway", default=None, help="use this gateway instead of starting ours")
+    parser.add_argument("--admin-api-key", default=None, help="passed on to loadtest.py")
+    arguments = parser.parse_args()
+    try:
+        code = trio.run(main, arguments)
+    except* KeyboardInterrupt:
+        print("bench_churn: interrupted; its children were stopped", file=sys.stderr)
+        code = 130
+    sys.exit(code)
