@@ -41,6 +41,10 @@ class Probe(Protocol):
 
     async def detect(self, spec: WorkerSpec) -> Detection: ...
 
+    async def check_health(self, spec: WorkerSpec, url: WorkerUrl) -> str | None:
+        """None when the worker at ``url`` is healthy, else why not."""
+        ...
+
 
 class Detector:
     """Probes workers with one shared httpx client (control plane only, never the hot path)."""
@@ -67,6 +71,22 @@ class Detector:
                 raise DetectionError(
                     f"{url.text} speaks neither HTTP/1.1 ({http_error}) nor gRPC ({grpc_error})"
                 ) from None
+
+    async def check_health(self, spec: WorkerSpec, url: WorkerUrl) -> str | None:
+        """One health probe of a registered worker: None when healthy, else the reason."""
+        try:
+            if url.is_grpc:
+                await probe_http2(url)
+                return None
+            headers = {"Authorization": f"Bearer {spec.api_key}"} if spec.api_key else {}
+            response = await self._client.get(f"{url.text}/health", headers=headers)
+        except DetectionError as error:
+            return error.message
+        except httpx.HTTPError as error:
+            return f"GET {url.text}/health: {_reason(error)}"
+        if response.is_success:
+            return None
+        return f"GET {url.text}/health answered {response.status_code}"
 
     # ---- HTTP --------------------------------------------------------------------------
 

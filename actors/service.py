@@ -28,6 +28,7 @@ from actors.commands import (
 from actors.config import GatewayConfig
 from actors.detection import Detector, Probe
 from actors.errors import RegistryError, RegistryTimeout, WorkerFailed, WorkerNotFound
+from actors.health import run_health_checker
 from actors.inflight import InFlight
 from actors.mailbox import Envelope, Outbox, ask
 from actors.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
@@ -237,10 +238,10 @@ async def open_gateway(
                 clock=clock,
             )
         )
+        probe = detector or Detector(client)
+        await nursery.start(partial(run_registrar, jobs_receive, inbox_send, probe, config=config))
         await nursery.start(
-            partial(
-                run_registrar, jobs_receive, inbox_send, detector or Detector(client), config=config
-            )
+            run_health_checker, inbox_send, probe, lambda: gateway.snapshot, gateway.wait_changed
         )
         try:
             yield gateway

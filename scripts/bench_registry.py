@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 from actors import GatewayConfig, open_gateway, worker_spec
 from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
 from actors.service import Gateway
+from actors.urls import WorkerUrl
 
 MODELS = {"object": "list", "data": [{"id": "bench", "object": "model", "owned_by": "sglang"}]}
 
@@ -53,6 +54,10 @@ class StubDetector:
             runtime=Runtime.SGLANG,
             models=(ModelCard(id="bench"),),
         )
+
+    async def check_health(self, spec: WorkerSpec, url: WorkerUrl) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None
 
 
 async def client(gateway: Gateway, index: int, cycles: int, latencies: list[float]) -> None:
