@@ -19,6 +19,10 @@ class InFlight:
         self._counts: dict[WorkerId, int] = {}
         self._idle: dict[WorkerId, trio.Event] = {}
 
+    def counts(self) -> dict[WorkerId, int]:
+        """Every worker with requests in flight, and how many (a copy)."""
+        return dict(self._counts)
+
     def count(self, worker_id: WorkerId) -> int:
         return self._counts.get(worker_id, 0)
 

@@ -11,6 +11,7 @@ deleted. Every answer from the registry that says the job was superseded ends th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -31,10 +32,12 @@ async def run_registrar(
     detector: Probe,
     *,
     config: GatewayConfig,
+    record: Callable[[str], None] = lambda outcome: None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """``record(outcome)`` is told how each job ended: succeeded, failed or cancelled."""
     async with trio.open_nursery() as nursery:
-        registrar = _Registrar(registry, detector, config, nursery)
+        registrar = _Registrar(registry, detector, config, nursery, record)
         async with jobs:
             for _ in range(config.registration_concurrency):
                 nursery.start_soon(registrar.take_jobs, jobs.clone())
@@ -48,7 +51,9 @@ class _Registrar:
         detector: Probe,
         config: GatewayConfig,
         nursery: trio.Nursery,
+        record: Callable[[str], None],
     ) -> None:
+        self._record = record
         self._registry = registry
         self._detector = detector
         self._config = config
@@ -57,17 +62,20 @@ class _Registrar:
     async def take_jobs(self, jobs: JobsReceive) -> None:
         async with jobs:
             async for job in jobs:
+                outcome = "cancelled"
                 with job.cancel_scope:
                     try:
-                        await self._run(job)
+                        outcome = await self._run(job)
                     except GatewayStopped:
                         return
                     except RegistryError as error:  # superseded or removed meanwhile
                         log.debug(
                             "job %s for %s ended: %s", job.start.job_id, job.start.worker_id, error
                         )
+                self._record(outcome)
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job) -> str:
+        """Run one job to its end; the outcome: succeeded or failed."""
         start = job.start
         spec = start.spec  # resolved by the Gateway: every timing field is set
         assert spec.max_connection_attempts is not None
@@ -100,7 +108,7 @@ class _Registrar:
                         )
                     )
                     log.info("worker %s (%s) is ready", start.worker_id, detection.url)
-                    return
+                    return "succeeded"
                 if attempt < limit:
                     await trio.sleep(self._config.backoff(attempt))
         if budget.cancelled_caught:
@@ -114,6 +122,7 @@ class _Registrar:
         interval = spec.recheck_interval_secs or 0.0
         if start.job_type is not JobType.REPLACE and interval > 0:
             self._nursery.start_soon(self._recheck_later, start.worker_id, start.job_id, interval)
+        return "failed"
 
     async def _probe(self, spec: WorkerSpec, seconds: float) -> Detection | str:
         """One detection attempt: what it found, or why it failed."""

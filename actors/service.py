@@ -31,6 +31,7 @@ from actors.errors import RegistryError, RegistryTimeout, WorkerFailed, WorkerNo
 from actors.health import run_health_checker
 from actors.inflight import InFlight
 from actors.mailbox import Envelope, Outbox, ask
+from actors.metrics import GatewayMetrics
 from actors.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
 from actors.registrar import run_registrar
 from actors.registry import Job, run_registry
@@ -55,6 +56,13 @@ class Gateway:
         self._changed: trio.Event | None = None  # created when someone waits
         self._watchers: dict[WorkerId, trio.Event] = {}  # per-worker waits (wait_status)
         self._draining: set[WorkerId] = set()
+        self.metrics = GatewayMetrics()
+        self.metrics.watch(
+            lambda: self._snapshot,
+            inflight.counts,
+            lambda: {},
+            lambda: int(registry.statistics().current_buffer_used),
+        )
 
     # ---- reads (the latest snapshot; never wait for the registry) -------------------------
 
@@ -239,7 +247,10 @@ async def open_gateway(
             )
         )
         probe = detector or Detector(client)
-        await nursery.start(partial(run_registrar, jobs_receive, inbox_send, probe, config=config))
+        record = gateway.metrics.registration_jobs_outcome
+        await nursery.start(
+            partial(run_registrar, jobs_receive, inbox_send, probe, config=config, record=record)
+        )
         await nursery.start(
             run_health_checker, inbox_send, probe, lambda: gateway.snapshot, gateway.wait_changed
         )

@@ -1,7 +1,8 @@
-"""The gateway's own probes: /health, /liveness, /readiness."""
+"""The gateway's own probes: /health, /liveness, /readiness, and /metrics (Prometheus)."""
 
 from __future__ import annotations
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Blueprint, Response, jsonify
 
 from actors.service import Gateway
@@ -22,5 +23,9 @@ def health_blueprint(gateway: Gateway) -> Blueprint:
             return jsonify({"status": "ready", "healthy_workers": len(routable)}), 200
         body = {"status": "not ready", "reason": "no worker is ready and healthy"}
         return jsonify(body), 503
+
+    @probes.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     return probes

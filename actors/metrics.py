@@ -1,0 +1,111 @@
+"""GatewayMetrics: the Prometheus metrics of one gateway, in a registry of its own.
+
+Counters and histograms are updated where things happen (the proxy, the registrar); gauges that
+describe current state (workers by status, in-flight requests, breaker states, the registry
+inbox depth) are read from their owners at scrape time, so nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from actors.model import WorkerId, WorkerStatus
+from actors.snapshot import RegistrySnapshot
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class _StateCollector(Collector):
+    def __init__(
+        self,
+        snapshot: Callable[[], RegistrySnapshot],
+        in_flight: Callable[[], Mapping[WorkerId, int]],
+        breakers: Callable[[], Mapping[WorkerId, int]],
+        inbox_depth: Callable[[], int],
+    ) -> None:
+        self._snapshot = snapshot
+        self._in_flight = in_flight
+        self._breakers = breakers
+        self._inbox_depth = inbox_depth
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        workers = self._snapshot().workers.values()
+        by_status = Tally(worker.status.value for worker in workers)
+        family = GaugeMetricFamily("tmg_workers", "Registered workers by status", labels=["status"])
+        for status in WorkerStatus:
+            family.add_metric([status.value], by_status[status.value])
+        yield family
+        unhealthy = sum(1 for w in workers if w.status is WorkerStatus.READY and not w.is_healthy)
+        yield GaugeMetricFamily("tmg_workers_unhealthy", "Ready workers failing health", unhealthy)
+        family = GaugeMetricFamily(
+            "tmg_worker_in_flight", "Requests in flight per worker", labels=["worker_id"]
+        )
+        for worker_id, count in self._in_flight().items():
+            family.add_metric([worker_id], count)
+        yield family
+        family = GaugeMetricFamily(
+            "tmg_circuit_breaker_state",
+            "Circuit breaker per worker: 0 closed, 1 open, 2 half-open",
+            labels=["worker_id"],
+        )
+        for worker_id, state in self._breakers().items():
+            family.add_metric([worker_id], state)
+        yield family
+        yield GaugeMetricFamily(
+            "tmg_registry_inbox_depth", "Asks waiting for the registry", self._inbox_depth()
+        )
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tmg_requests",
+            "Proxied inference requests by model, worker and status code",
+            ["model", "worker_id", "code"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "tmg_request_duration_seconds",
+            "Time from a request's arrival to the end of its answer",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttfb = Histogram(
+            "tmg_time_to_first_byte_seconds",
+            "Time from a request's arrival to the first byte of its answer",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "tmg_retries", "Requests retried on another worker", ["model"], registry=self.registry
+        )
+        self.registration_jobs = Counter(
+            "tmg_registration_jobs",
+            "Registration workflows by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    def registration_jobs_outcome(self, outcome: str) -> None:
+        self.registration_jobs.labels(outcome).inc()
+
+    def watch(
+        self,
+        snapshot: Callable[[], RegistrySnapshot],
+        in_flight: Callable[[], Mapping[WorkerId, int]],
+        breakers: Callable[[], Mapping[WorkerId, int]],
+        inbox_depth: Callable[[], int],
+    ) -> None:
+        """Report the state gauges from their owners at scrape time."""
+        self.registry.register(_StateCollector(snapshot, in_flight, breakers, inbox_depth))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

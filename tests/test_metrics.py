@@ -1,0 +1,45 @@
+"""/metrics: Prometheus text that prometheus_client can parse, with the registry's state."""
+
+from __future__ import annotations
+
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from actors.service import Gateway
+from tests.conftest import StartWorkers
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+async def test_metrics_parse_and_count_workers_by_status_and_registration_outcomes(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1)
+    with trio.fail_after(10):
+        worker_id = (
+            await client.post("/workers", json={"url": f"127.0.0.1:{worker.port}"})
+        ).json()["worker_id"]
+        await gateway.wait_status(worker_id, "ready", 5)
+        failing = {"url": "127.0.0.1:1", "max_connection_attempts": 1}
+        failed_id = (await client.post("/workers", json=failing)).json()["worker_id"]
+        await gateway.wait_status(failed_id, "failed", 5)
+        gateway.inflight.acquire(worker_id)
+        answer = await client.get("/metrics")
+        gateway.inflight.release(worker_id)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    found = samples(answer.text)
+    assert found[("tmg_workers", (("status", "ready"),))] == 1
+    assert found[("tmg_workers", (("status", "failed"),))] == 1
+    assert found[("tmg_workers", (("status", "pending"),))] == 0
+    assert found[("tmg_registration_jobs_total", (("outcome", "succeeded"),))] == 1
+    assert found[("tmg_registration_jobs_total", (("outcome", "failed"),))] == 1
+    assert found[("tmg_worker_in_flight", (("worker_id", worker_id),))] == 1
+    assert found[("tmg_registry_inbox_depth", ())] == 0
