@@ -267,6 +267,7 @@ PATHS: dict[str, Any] = {
             "A worker is ready and healthy", _answer("200", "ready"), _answer("503", "not ready")
         )
     },
+    "/metrics": {"get": _op("Prometheus metrics (text format)", _answer("200", "metrics"))},
     "/openapi.json": {"get": _op("This description", _answer("200", "OpenAPI 3.1"))},
     "/docs": {"get": _op("This description as a page", _answer("200", "HTML"))},
 }

@@ -17,24 +17,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from functools import partial
-from http import HTTPStatus
-from typing import Any, NamedTuple
 
 import h11
 import trio
 
+if __package__ in (None, ""):  # run as a file: make the project root importable
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts import fake_payloads as payloads
+from scripts.fake_http import RECV_SIZE, linger, next_event, send_events, send_reply
+from scripts.fake_payloads import Refused, Reply, error_reply, json_reply
+
 MAX_BODY = 8 * 1024 * 1024
-RECV_SIZE = 65536
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, type SETTINGS, flags 0, stream 0
 H2_SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"  # same, flags ACK
 H2_GOAWAY = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x01"
 INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate"})
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_DONE = b"data: [DONE]\n\n"
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
-JsonObj = dict[str, Any]
 
 
 @dataclass(kw_only=True)
@@ -47,48 +50,6 @@ class FakeWorkerConfig:
     startup_delay: float = 0.0  # every route answers 503 {"error": "loading"} for this long
     die_after: int | None = None  # after this many requests the port stops serving
     host: str = "127.0.0.1"
-
-
-class Reply(NamedTuple):
-    status: int
-    body: bytes = b""
-    sse: list[bytes] | None = None  # when set: a text/event-stream of these chunks, then [DONE]
-
-
-def _json(status: int, obj: object) -> Reply:
-    return Reply(status, json.dumps(obj).encode())
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> Reply:
-    return _json(status, {"error": {"message": message, "type": kind, "code": status}})
-
-
-class Refused(Exception):  # raised by a route to answer with an error instead
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.reply = _error(status, message, kind)
-
-
-def _sse(obj: object) -> bytes:
-    return b"data: " + json.dumps(obj).encode() + b"\n\n"
-
-
-def _send(conn: h11.Connection, *events: h11.Event) -> bytes:
-    return b"".join(conn.send(event) or b"" for event in events)
-
-
-async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> object:
-    while (event := conn.next_event()) is h11.NEED_DATA:
-        conn.receive_data(await stream.receive_some(RECV_SIZE))
-    return event
-
-
-async def _linger(stream: trio.SocketStream) -> None:
-    """Half-close, then drain what the peer still sends, so our last bytes are not reset away."""
-    with trio.move_on_after(2):
-        await stream.send_eof()
-        while await stream.receive_some(RECV_SIZE):
-            pass
 
 
 class FakeWorker:
@@ -106,7 +67,11 @@ class FakeWorker:
         self.created = int(time.time())
         self._listeners = listeners
         self._scope = trio.CancelScope()
-        self._port_header = str(self.port).encode()
+        self._send_reply = partial(  # token_delay is read per SSE chunk: tests may change it
+            send_reply,
+            port_header=str(self.port).encode(),
+            token_delay=lambda: self.config.token_delay,
+        )
 
     def close_listeners(self) -> None:
         for listener in self._listeners:
@@ -174,21 +139,21 @@ class FakeWorker:
                 pass
         else:
             await stream.send_all(H2_GOAWAY)
-            await _linger(stream)
+            await linger(stream)
         if dying:
             self._scope.cancel()
 
     async def _serve_http(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER)
         try:
-            while isinstance(request := await _next_event(conn, stream), h11.Request):
+            while isinstance(request := await next_event(conn, stream), h11.Request):
                 body: bytearray | None = bytearray()
                 if any(k == b"content-length" and int(v) > MAX_BODY for k, v in request.headers):
                     body = None
                 elif conn.client_is_waiting_for_100_continue:
-                    await stream.send_all(_send(conn, _CONTINUE))
+                    await stream.send_all(send_events(conn, _CONTINUE))
                 while body is not None:
-                    event = await _next_event(conn, stream)
+                    event = await next_event(conn, stream)
                     if isinstance(event, h11.EndOfMessage):
                         break
                     if not isinstance(event, h11.Data):
@@ -206,149 +171,50 @@ class FakeWorker:
                     self._scope.cancel()  # closes every connection of this port
                     return
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                    await _linger(stream)
+                    await linger(stream)
                     return
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                reply = _error(exc.error_status_hint, f"bad request: {exc}")
+                reply = error_reply(exc.error_status_hint, f"bad request: {exc}")
                 await self._send_reply(conn, stream, reply, close=True)
-                await _linger(stream)
-
-    async def _send_reply(
-        self, conn: h11.Connection, stream: trio.SocketStream, reply: Reply, *, close: bool
-    ) -> None:
-        headers = [(b"x-fake-worker-port", self._port_header)]
-        if close:
-            headers.append((b"connection", b"close"))
-        if reply.sse is None:
-            if reply.body:
-                headers.append((b"content-type", b"application/json"))
-            headers.append((b"content-length", str(len(reply.body)).encode()))
-        else:
-            headers += [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-        reason = _REASONS.get(reply.status, b"")
-        head = _send(conn, h11.Response(status_code=reply.status, headers=headers, reason=reason))
-        if reply.sse is None:
-            await stream.send_all(head + _send(conn, h11.Data(data=reply.body), h11.EndOfMessage()))
-            return
-        for i, chunk in enumerate(reply.sse):  # one write per token; the head rides on the first
-            if i and self.config.token_delay > 0:
-                await trio.sleep(self.config.token_delay)
-            await stream.send_all(head + _send(conn, h11.Data(data=chunk)))
-            head = b""
-        await stream.send_all(head + _send(conn, h11.Data(data=_DONE), h11.EndOfMessage()))
+                await linger(stream)
 
     # ---- routes ----
 
     async def _reply(self, method: str, path: str, body: bytearray | None) -> Reply:
         cfg, m, sglang = self.config, self.config.model, self.config.flavor == "sglang"
         if body is None:
-            return _error(413, f"request body over {MAX_BODY} bytes")
+            return error_reply(413, f"request body over {MAX_BODY} bytes")
         if trio.current_time() - self.started_at < cfg.startup_delay:
-            return _json(503, {"error": "loading"})
+            return json_reply(503, {"error": "loading"})
         if method == "GET" and path == "/health":
             return Reply(503 if cfg.fail_health else 200)
         if method == "GET" and path == "/v1/models":
-            card = {"id": m, "object": "model", "created": self.created, "root": m}
-            card |= {"owned_by": cfg.flavor, "max_model_len": 4096}
-            return _json(200, {"object": "list", "data": [card]})
+            return payloads.models(m, cfg.flavor, self.created)
         if method == "GET" and path == "/_stats":
-            return _json(200, {"port": self.port, "counts": dict(self.counts)})
+            return json_reply(200, {"port": self.port, "counts": dict(self.counts)})
         if method == "GET" and path == "/version" and not sglang:
-            return _json(200, {"version": "0.0.0-fake"})
+            return json_reply(200, {"version": "0.0.0-fake"})
         if method == "GET" and path in ("/server_info", "/get_server_info") and sglang:
-            return _json(200, {
-                "model_path": m, "tokenizer_path": m, "served_model_name": m, "host": cfg.host,
-                "port": self.port, "dp_size": 1, "tp_size": 1, "max_total_num_tokens": 65536,
-                "max_running_requests": 256, "context_length": 4096, "version": "0.0.0-fake",
-                "disaggregation_mode": "null", "load_balance_method": "round_robin",
-            })  # fmt: skip
+            return payloads.server_info(m, cfg.host, self.port)
         if method == "GET" and path in ("/model_info", "/get_model_info") and sglang:
-            return _json(200, {
-                "model_path": m, "tokenizer_path": m, "is_generation": True, "model_type": "llama",
-                "architectures": ["LlamaForCausalLM"], "has_image_understanding": False,
-            })  # fmt: skip
+            return payloads.model_info(m)
         if method != "POST" or path not in INFERENCE or (path == "/generate" and not sglang):
-            return _error(404, f"no route {method} {path}", "not_found_error")
+            return error_reply(404, f"no route {method} {path}", "not_found_error")
         if cfg.latency > 0:
             await trio.sleep(cfg.latency)
         try:
             if path == "/v1/embeddings":
-                return self._embeddings(bytes(body))
+                return payloads.embeddings(bytes(body), model=cfg.model)
             if path == "/generate":
-                return self._generate(bytes(body))
-            return self._complete(bytes(body), chat=path == "/v1/chat/completions")
+                return payloads.generate(bytes(body), port=self.port, request_no=self.requests)
+            chat = path == "/v1/chat/completions"
+            return payloads.complete(
+                bytes(body), chat=chat, model=cfg.model, port=self.port, request_no=self.requests
+            )
         except Refused as exc:
             return exc.reply
-
-    def _parse(self, body: bytes, *, need_model: bool = True) -> JsonObj:
-        try:
-            req = json.loads(body)
-        except ValueError:
-            raise Refused(400, "the body is not valid JSON") from None
-        if not isinstance(req, dict):
-            raise Refused(400, "the body must be a JSON object")
-        model = req.get("model")
-        if need_model and (not isinstance(model, str) or not model):
-            raise Refused(400, "'model' is required")
-        if need_model and model != self.config.model:
-            raise Refused(404, f"the model {model!r} does not exist", "NotFoundError")
-        return req
-
-    def _tokens(self, n: object) -> list[str]:
-        n = 8 if n is None else n
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise Refused(400, "max_tokens must be a non-negative integer")
-        return ([f"[port {self.port}]"] + [" tok"] * (min(n, 4096) - 1))[:n]
-
-    def _complete(self, body: bytes, *, chat: bool) -> Reply:
-        req = self._parse(body)
-        toks = self._tokens(req.get("max_tokens", req.get("max_completion_tokens")))
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-fake-{self.port}-{self.requests}"
-        base = {"id": rid, "created": int(time.time()), "model": self.config.model}
-        usage = {"prompt_tokens": len(body) // 4, "completion_tokens": len(toks)}
-        usage["total_tokens"] = usage["prompt_tokens"] + len(toks)
-        choice: JsonObj
-        if req.get("stream"):
-            obj = "chat.completion.chunk" if chat else "text_completion"
-            chunks = []
-            for i, tok in enumerate(toks):
-                delta = {"role": "assistant", "content": tok} if i == 0 else {"content": tok}
-                choice = {"delta": delta} if chat else {"text": tok}
-                choice |= {"index": 0, "logprobs": None}
-                choice["finish_reason"] = "length" if i == len(toks) - 1 else None
-                chunks.append(_sse({**base, "object": obj, "choices": [choice]}))
-            opts = req.get("stream_options")
-            if isinstance(opts, dict) and opts.get("include_usage"):
-                chunks.append(_sse({**base, "object": obj, "choices": [], "usage": usage}))
-            return Reply(200, sse=chunks)
-        text = "".join(toks)
-        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        choice |= {"index": 0, "finish_reason": "length", "logprobs": None}
-        obj = "chat.completion" if chat else "text_completion"
-        return _json(200, {**base, "object": obj, "choices": [choice], "usage": usage})
-
-    def _embeddings(self, body: bytes) -> Reply:
-        req = self._parse(body)
-        inputs = req.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs
-        if not isinstance(inputs, list) or not inputs:
-            raise Refused(400, "'input' must be a string or a non-empty list")
-        if all(isinstance(i, int) for i in inputs):
-            inputs = [inputs]  # one pre-tokenised input
-        vectors = [[(i + j) % 10 / 10 for j in range(8)] for i in range(len(inputs))]
-        data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
-        usage = {"prompt_tokens": len(body) // 4, "total_tokens": len(body) // 4}
-        return _json(200, {"object": "list", "data": data, "model": req["model"], "usage": usage})
-
-    def _generate(self, body: bytes) -> Reply:
-        req = self._parse(body, need_model=False)
-        params = req.get("sampling_params")
-        toks = self._tokens(params.get("max_new_tokens") if isinstance(params, dict) else None)
-        meta = {"id": f"fake-{self.port}-{self.requests}", "prompt_tokens": len(body) // 4}
-        meta |= {"completion_tokens": len(toks), "finish_reason": {"type": "length"}}
-        return _json(200, {"text": "".join(toks), "meta_info": meta})
 
 
 async def serve_fake_workers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from functools import partial
 
 import httpx
@@ -45,7 +46,7 @@ async def silent_port(nursery: trio.Nursery) -> int:
     return port
 
 
-async def post(client: httpx.AsyncClient, body: dict[str, object]) -> httpx.Response:
+async def post(client: httpx.AsyncClient, body: Mapping[str, object]) -> httpx.Response:
     return await client.post("/workers", json=body)
 
 
