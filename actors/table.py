@@ -358,7 +358,7 @@ class WorkerTable:
 
     def _require_job(self, worker: Worker, job_id: int) -> JobStatus:
         job = worker.job
-        if job is None or job.job_id != job_id or not job.active:
+        if job is None or job.job_id != job_id or not job.active or job.job_type is JobType.REMOVE:
             raise StaleJob(worker.id, "a newer request superseded this job")
         return job
 
