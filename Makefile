@@ -20,7 +20,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check actors api scripts tests
 	$(BIN)/mypy
-	TMG_MIN_TESTS=40 $(BIN)/python -m pytest -q
+	TMG_MIN_TESTS=300 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_registry.py

@@ -22,6 +22,10 @@ class GatewayConfig:
     backoff_initial_secs: float = 0.1  # between detection attempts, doubling
     backoff_max_secs: float = 5.0
     ask_timeout_secs: float = 10.0  # an ask the registry does not answer in time is a 503
+    policy: str = "round_robin"  # the default routing policy (actors/routing.py)
+    retries: int = 2  # a failed proxied request is retried on up to this many other workers
+    breaker_failures: int = 5  # consecutive proxy failures that open a worker's breaker
+    breaker_cooldown_secs: float = 10.0  # then one probe request is let through
 
     def __post_init__(self) -> None:
         for name in ("registration_concurrency", "registration_queue_size", "inbox_size"):
@@ -29,6 +33,8 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_connection_attempts < 1:
             raise ValueError("max_connection_attempts must be at least 1")
+        if self.retries < 0 or self.breaker_failures < 1:
+            raise ValueError("retries must be at least 0 and breaker_failures at least 1")
 
     def resolve(self, spec: WorkerSpec) -> WorkerSpec:
         """The spec with every unset timing field taken from these defaults."""

@@ -49,6 +49,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     add("--policy", choices=POLICIES, default="round_robin", help="default routing policy")
     add(
+        "--retries",
+        type=int,
+        default=2,
+        help="a failed inference request is retried on up to this many other workers",
+    )
+    add(
         "--admin-api-key",
         default=None,
         help=f"Bearer key for mutating /workers routes (or set {ADMIN_KEY_ENV})",
@@ -164,6 +170,8 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
         "registration_timeout_secs": args.registration_timeout_secs,
         "recheck_interval_secs": args.recheck_interval_secs,
         "drain_timeout_secs": args.drain_timeout_secs,
+        "policy": args.policy,
+        "retries": args.retries,
     }
 
 
