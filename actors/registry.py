@@ -57,6 +57,7 @@ async def run_registry(
     *,
     table: WorkerTable,
     is_idle: Callable[[WorkerId], bool],
+    on_removed: Callable[[WorkerId], None] = lambda worker_id: None,
     clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -69,6 +70,8 @@ async def run_registry(
                     jobs[worker_id] = job = Job(effect)
                     jobs_send.send_nowait(job)  # the table checked there is room
                 case CancelJob(worker_id=worker_id, job_id=job_id):
+                    if job_id is None:  # the worker is gone
+                        on_removed(worker_id)
                     running = jobs.get(worker_id)
                     if running is not None and job_id in (None, running.start.job_id):
                         del jobs[worker_id]

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
+from actors.breaker import BreakerConfig, CircuitBreakers
 from actors.commands import (
     Ask,
     BeginDrain,
@@ -33,10 +34,13 @@ from actors.inflight import InFlight
 from actors.mailbox import Envelope, Outbox, ask
 from actors.metrics import GatewayMetrics
 from actors.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
+from actors.proxy import DataPlane
 from actors.registrar import run_registrar
 from actors.registry import Job, run_registry
+from actors.routing import Router
 from actors.snapshot import RegistrySnapshot
 from actors.table import WorkerTable
+from actors.upstream import UpstreamPool
 
 log = logging.getLogger("tmg.gateway")
 T = TypeVar("T")
@@ -46,7 +50,12 @@ class Gateway:
     """The gateway as a library. Create it with ``open_gateway()``."""
 
     def __init__(
-        self, config: GatewayConfig, registry: Outbox, nursery: trio.Nursery, inflight: InFlight
+        self,
+        config: GatewayConfig,
+        registry: Outbox,
+        nursery: trio.Nursery,
+        inflight: InFlight,
+        pool: UpstreamPool,
     ) -> None:
         self.config = config
         self.inflight = inflight
@@ -57,12 +66,31 @@ class Gateway:
         self._watchers: dict[WorkerId, trio.Event] = {}  # per-worker waits (wait_status)
         self._draining: set[WorkerId] = set()
         self.metrics = GatewayMetrics()
+        breakers = CircuitBreakers(
+            BreakerConfig(
+                failure_threshold=config.breaker_failures,
+                cooldown_secs=config.breaker_cooldown_secs,
+            )
+        )
+        self.dataplane = DataPlane(
+            lambda: self._snapshot,
+            inflight,
+            pool,
+            Router(config.policy),
+            breakers,
+            self.metrics,
+            retries=config.retries,
+        )
         self.metrics.watch(
             lambda: self._snapshot,
             inflight.counts,
-            lambda: {},
+            breakers.states,
             lambda: int(registry.statistics().current_buffer_used),
         )
+
+    def _forget(self, worker_id: WorkerId) -> None:
+        """A worker left the registry: drop the data plane's state about it."""
+        self.dataplane.forget(worker_id)
 
     # ---- reads (the latest snapshot; never wait for the registry) -------------------------
 
@@ -230,10 +258,10 @@ async def open_gateway(
         timeout=httpx.Timeout(None),  # every probe is bounded by the caller's cancel scope
         limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=5.0),
     )
-    async with client, trio.open_nursery() as nursery:
+    async with client, UpstreamPool() as pool, trio.open_nursery() as nursery:
         inbox_send, inbox_receive = trio.open_memory_channel[Envelope[Any]](config.inbox_size)
         jobs_send, jobs_receive = trio.open_memory_channel[Job](config.registration_queue_size)
-        gateway = Gateway(config, inbox_send, nursery, InFlight())
+        gateway = Gateway(config, inbox_send, nursery, InFlight(), pool)
         table = WorkerTable(queue_size=config.registration_queue_size)
         await nursery.start(
             partial(
@@ -243,6 +271,7 @@ async def open_gateway(
                 gateway._publish,
                 table=table,
                 is_idle=lambda worker_id: gateway.inflight.count(worker_id) == 0,
+                on_removed=gateway._forget,
                 clock=clock,
             )
         )

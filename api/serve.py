@@ -10,6 +10,7 @@ from hypercorn.trio import serve
 
 from actors.service import Gateway
 from api.app import create_app
+from api.inference import inference_app
 
 
 async def serve_api(
@@ -29,5 +30,6 @@ async def serve_api(
     config.errorlog = None
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 75.0
-    app = create_app(gateway, admin_api_key=admin_api_key)
-    await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+    quart = create_app(gateway, admin_api_key=admin_api_key)
+    app = inference_app(gateway, quart)  # type: ignore[arg-type]
+    await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]

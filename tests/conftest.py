@@ -11,7 +11,7 @@ import httpx
 import pytest
 import trio
 
-from actors import GatewayConfig, open_gateway
+from actors import GatewayConfig, open_gateway, worker_spec
 from actors.service import Gateway
 from api.serve import serve_api
 from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
@@ -20,6 +20,7 @@ from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
 FAST = GatewayConfig(backoff_initial_secs=0.001, backoff_max_secs=0.01, recheck_interval_secs=0)
 
 StartWorkers = Callable[..., Awaitable[list[FakeWorker]]]
+Open = Callable[..., Awaitable[tuple[Gateway, httpx.AsyncClient]]]
 
 
 @pytest.fixture
@@ -58,6 +59,38 @@ async def wait_until(gateway: Gateway, condition: Callable[[], bool]) -> None:
     """Wait (bounded by the caller's fail_after) until ``condition`` holds on a snapshot."""
     while not condition():
         await gateway.wait_changed()
+
+
+@pytest.fixture
+async def open_with(nursery: trio.Nursery) -> AsyncIterator[Open]:
+    """``gateway, client = await open_with(policy="consistent_hash")``: a gateway of its own."""
+    clients: list[httpx.AsyncClient] = []
+
+    async def start(**config: object) -> tuple[Gateway, httpx.AsyncClient]:
+        gateway: Gateway = await nursery.start(_run_gateway, replace(FAST, **config))  # type: ignore[arg-type]
+        [url] = await nursery.start(partial(serve_api, gateway, bind="127.0.0.1:0"))
+        client = httpx.AsyncClient(base_url=url, trust_env=False, timeout=10)
+        clients.append(client)
+        return gateway, client
+
+    yield start
+    for client in clients:
+        await client.aclose()
+
+
+async def _run_gateway(config: object, *, task_status: trio.TaskStatus[Gateway]) -> None:
+    async with open_gateway(config) as gateway:  # type: ignore[arg-type]
+        task_status.started(gateway)
+        await trio.sleep_forever()
+
+
+async def register(gateway: Gateway, ports: list[int], **fields: object) -> list[str]:
+    ids = []
+    for port in ports:
+        worker = await gateway.add_worker(worker_spec(f"127.0.0.1:{port}", **fields))
+        await gateway.wait_status(worker.id, "ready", 5)
+        ids.append(worker.id)
+    return ids
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

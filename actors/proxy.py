@@ -1,0 +1,201 @@
+"""DataPlane: forward one inference request to one worker, and stream the answer back.
+
+The hot path reads only the latest published snapshot and the in-flight counters: pick a worker
+with the routing policy and count it in flight in the same synchronous step (so a drain can never
+miss a request), then send the request through the keep-alive pool. A connect error, a reset
+before the first response byte, or a 5xx before any byte reached the client is retried on
+another worker (``retries`` times). Failures feed the circuit breakers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from actors.breaker import CircuitBreakers
+from actors.inflight import InFlight
+from actors.metrics import GatewayMetrics
+from actors.model import ConnectionMode, Worker, WorkerStatus
+from actors.routing import Router, RouteRequest
+from actors.snapshot import RegistrySnapshot
+from actors.upstream import ReadTimedOut, UpstreamError, UpstreamPool
+
+Headers = list[tuple[bytes, bytes]]
+HOP_BY_HOP = frozenset(
+    (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+     b"proxy-connection", b"date", b"server")
+)  # fmt: skip
+
+
+class Responder(Protocol):
+    """Where the answer goes (the ASGI layer). ``start`` is called at most once."""
+
+    async def start(self, status: int, headers: Headers) -> None: ...
+
+    async def body(self, data: bytes, *, more: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxyRequest:
+    path: bytes  # the target forwarded to the worker, e.g. b"/v1/chat/completions"
+    body: bytes  # forwarded unchanged
+    route: RouteRequest
+    authorization: bytes | None = None  # the client's, forwarded when the worker has no api_key
+    accept: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why no worker answered: the OpenAI error the client gets."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+    final: bool = False  # the request may have run on the worker: do not retry elsewhere
+
+
+class DataPlane:
+    def __init__(
+        self,
+        snapshot: Callable[[], RegistrySnapshot],
+        inflight: InFlight,
+        pool: UpstreamPool,
+        router: Router,
+        breakers: CircuitBreakers,
+        metrics: GatewayMetrics,
+        *,
+        retries: int = 2,
+    ) -> None:
+        self._snapshot = snapshot
+        self._inflight = inflight
+        self._pool = pool
+        self.router = router
+        self.breakers = breakers
+        self._metrics = metrics
+        self.retries = retries
+
+    def forget(self, worker_id: str) -> None:
+        """A worker left the registry: drop its routing and breaker state."""
+        self.router.forget(worker_id)
+        self.breakers.forget(worker_id)
+
+    async def forward(self, request: ProxyRequest, respond: Responder) -> Refusal | None:
+        """Proxy ``request``; None when an answer went out, else why none could."""
+        started = time.perf_counter()
+        model = request.route.model
+        tried: set[str] = set()
+        last: Refusal | None = None
+        for attempt in range(self.retries + 1):
+            now = trio.current_time()
+            candidates = self._candidates(model, tried, now)
+            if not candidates:
+                break
+            worker = self.router.choose(request.route, candidates, self._inflight.count)
+            tried.add(worker.id)
+            if attempt:
+                self._metrics.retries.labels(model).inc()
+            self.breakers.routed(worker.id, now)
+            self._inflight.acquire(worker.id)  # same step as choose(): a drain sees it
+            try:
+                last = await self._try(worker, request, respond, started)
+            finally:
+                self._inflight.release(worker.id)
+            if last is None or last.final:
+                return last
+        return last or self._no_worker(model)
+
+    def _candidates(self, model: str, tried: set[str], now: float) -> Sequence[Worker]:
+        snapshot = self._snapshot()
+        return [
+            worker
+            for worker in snapshot.ready_for_model(model)
+            if worker.is_healthy
+            and worker.id not in tried
+            and worker.detection is not None
+            and worker.detection.connection_mode is ConnectionMode.HTTP
+            and self.breakers.allows(worker.id, now)
+        ]
+
+    async def _try(
+        self, worker: Worker, request: ProxyRequest, respond: Responder, started: float
+    ) -> Refusal | None:
+        """One attempt on one worker. A Refusal means nothing reached the client (retry);
+        an error after the answer started propagates (the client's stream is cut)."""
+        url = worker.url
+        model = request.route.model
+        headers = self._headers(worker, request)
+        verdict = answered = False
+        try:
+            async with self._pool.request(
+                url.host, url.port, b"POST", request.path, headers, request.body, tls=url.is_tls
+            ) as answer:
+                status = answer.status
+                self._metrics.requests.labels(model, worker.id, str(status)).inc()
+                if status >= 500:
+                    self.breakers.failed(worker.id, trio.current_time())
+                    verdict = True
+                    return Refusal(502, "upstream_error", f"the worker answered {status}")
+                self.breakers.succeeded(worker.id)
+                verdict = True
+                forwarded = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP]
+                forwarded.append((b"x-worker-id", worker.id.encode()))
+                await respond.start(status, forwarded)
+                answered = True
+                self._metrics.ttfb.labels(model).observe(time.perf_counter() - started)
+                async for chunk in answer.chunks():
+                    await respond.body(chunk, more=True)
+                await respond.body(b"", more=False)
+        except UpstreamError as error:
+            if not verdict:
+                self.breakers.failed(worker.id, trio.current_time())
+                verdict = True
+            if answered:
+                raise
+            if error.retryable:
+                return Refusal(502, "upstream_unreachable", str(error))
+            status = 504 if isinstance(error, ReadTimedOut) else 502
+            return Refusal(status, "upstream_error", str(error), final=True)
+        finally:
+            if not verdict:
+                self.breakers.abandoned(worker.id)
+        self._metrics.duration.labels(model).observe(time.perf_counter() - started)
+        return None
+
+    @staticmethod
+    def _headers(worker: Worker, request: ProxyRequest) -> Headers:
+        headers: Headers = [(b"content-type", b"application/json")]
+        if worker.spec.api_key:
+            headers.append((b"authorization", b"Bearer " + worker.spec.api_key.encode()))
+        elif request.authorization is not None:
+            headers.append((b"authorization", request.authorization))
+        if request.accept is not None:
+            headers.append((b"accept", request.accept))
+        return headers
+
+    def _no_worker(self, model: str) -> Refusal:
+        snapshot = self._snapshot()
+        listed = snapshot.select(model=model)
+        if any(w.status is WorkerStatus.READY and w.is_healthy for w in listed) and all(
+            w.connection_mode is ConnectionMode.GRPC
+            for w in listed
+            if w.status is WorkerStatus.READY
+        ):
+            return Refusal(
+                501, "grpc_not_supported",
+                f"model {model!r} is served only by gRPC workers; this gateway proxies HTTP only",
+            )  # fmt: skip
+        waiting = any(
+            w.status is WorkerStatus.PENDING and w.spec.model_id is None
+            for w in snapshot.workers.values()
+        )
+        if listed or waiting:
+            return Refusal(
+                503, "no_available_workers",
+                f"no worker for model {model!r} can take a request now", retry_after=1,
+            )  # fmt: skip
+        return Refusal(404, "model_not_found", f"no worker serves model {model!r}")

@@ -1,0 +1,191 @@
+"""The data plane over real sockets: the inference routes through the gateway to fake workers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import httpx
+import pytest
+import trio
+
+from actors.service import Gateway
+from tests.conftest import Open, StartWorkers, register
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+async def test_chat_and_completions_pass_through_with_the_worker_id(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, model="m")
+    with trio.fail_after(10):
+        [worker_id] = await register(gateway, [worker.port])
+        chat = await client.post("/v1/chat/completions", json=CHAT)
+        completion = await client.post("/v1/completions", json={"model": "m", "prompt": "a"})
+        embedding = await client.post("/v1/embeddings", json={"model": "m", "input": "a"})
+        generated = await client.post("/generate", json={"model": "m", "text": "a"})
+        models = (await client.get("/v1/models")).json()
+    assert chat.status_code == 200
+    assert chat.headers["x-worker-id"] == worker_id
+    assert chat.json()["choices"][0]["message"]["content"].startswith(f"[port {worker.port}]")
+    assert completion.json()["object"] == "text_completion"
+    assert embedding.json()["object"] == "list"
+    assert "text" in generated.json()
+    assert models["data"] == [{"id": "m", "object": "model", "created": 0, "owned_by": "sglang"}]
+    assert worker.counts["POST /v1/chat/completions"] == 1
+
+
+async def test_a_stream_passes_through_chunk_by_chunk(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, model="m")
+    with trio.fail_after(10):
+        await register(gateway, [worker.port])
+        chunks = []
+        async with client.stream(
+            "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as answer:
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            async for line in answer.aiter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line.removeprefix("data: "))
+    assert chunks[-1] == "[DONE]"
+    assert len(chunks) == 4 + 1
+    assert json.loads(chunks[0])["object"] == "chat.completion.chunk"
+
+
+async def test_unknown_model_is_404_and_an_unroutable_one_is_503_with_retry_after(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, model="m")
+    with trio.fail_after(10):
+        unknown = await client.post("/v1/chat/completions", json=CHAT)
+        [worker_id] = await register(gateway, [worker.port])
+        gateway.inflight.acquire(worker_id)  # keeps it draining
+        await gateway.remove_worker(worker_id)
+        draining = await client.post("/v1/chat/completions", json=CHAT)
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "model_not_found"
+    assert draining.status_code == 503
+    assert draining.json()["error"]["code"] == "no_available_workers"
+    assert draining.headers["retry-after"] == "1"
+
+
+async def test_a_model_served_only_by_grpc_workers_is_501(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, flavor="grpc")
+    with trio.fail_after(10):
+        await register(gateway, [worker.port], model_id="m")
+        answer = await client.post("/v1/chat/completions", json=CHAT)
+    assert answer.status_code == 501
+    assert "gRPC" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [(b"{", 400, None), (b"[]", 400, None), (b'{"model": 3}', 400, "model"), (b"{}", 400, "model")],
+)
+async def test_a_bad_body_is_a_400_in_the_openai_shape(
+    client: httpx.AsyncClient, body: bytes, status: int, param: str | None
+) -> None:
+    answer = await client.post("/v1/chat/completions", content=body)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+async def test_round_robin_spreads_evenly_over_three_workers(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    workers = await start_workers(3, model="m")
+    with trio.fail_after(20):
+        ids = await register(gateway, [w.port for w in workers])
+        seen: Counter[str] = Counter()
+        for _ in range(90):
+            seen[(await client.post("/v1/chat/completions", json=CHAT)).headers["x-worker-id"]] += 1
+    assert seen == {worker_id: 30 for worker_id in ids}
+
+
+async def test_consistent_hash_keeps_each_session_on_one_worker(
+    open_with: Open, start_workers: StartWorkers
+) -> None:
+    workers = await start_workers(3, model="m")
+    gateway, client = await open_with(policy="consistent_hash")
+    with trio.fail_after(20):
+        await register(gateway, [w.port for w in workers])
+        placement: dict[str, set[str]] = {}
+        for round_ in range(5):
+            for session in range(12):
+                headers = {"x-session-id": f"s{session}"}
+                answer = await client.post("/v1/chat/completions", json=CHAT, headers=headers)
+                placement.setdefault(f"s{session}", set()).add(answer.headers["x-worker-id"])
+            by_user = await client.post("/v1/chat/completions", json={**CHAT, "user": "s3"})
+            assert {by_user.headers["x-worker-id"]} == placement["s3"], round_
+    assert all(len(owners) == 1 for owners in placement.values())
+    assert len(set.union(*placement.values())) > 1  # sessions are spread over workers
+
+
+async def test_cache_aware_sends_a_repeated_prefix_to_the_same_worker(
+    open_with: Open, start_workers: StartWorkers
+) -> None:
+    workers = await start_workers(3, model="m")
+    gateway, client = await open_with(policy="cache_aware")
+    system = "You are a careful assistant who answers in French. " * 4
+    with trio.fail_after(20):
+        await register(gateway, [w.port for w in workers])
+        owners = set()
+        for question in range(15):
+            messages = [
+                {"role": "system", "content": system},
+                {"role": "user", "content": f"q{question}"},
+            ]
+            answer = await client.post(
+                "/v1/chat/completions", json={"model": "m", "messages": messages}
+            )
+            owners.add(answer.headers["x-worker-id"])
+    assert len(owners) == 1
+
+
+async def test_a_drained_worker_with_a_long_stream_is_removed_only_when_it_ends(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, model="m", token_delay=0.005)
+    with trio.fail_after(20):
+        [worker_id] = await register(gateway, [worker.port])
+        body = {**CHAT, "stream": True, "max_tokens": 40}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as answer:
+            lines = answer.aiter_lines()
+            await lines.__anext__()  # the stream is flowing
+            deleted = await client.delete(f"/workers/{worker_id}")
+            assert deleted.json()["worker_status"] == "draining"
+            assert gateway.get_worker(worker_id).status.value == "draining"
+            async for _ in lines:
+                pass
+        await gateway.wait_removed(worker_id, 5)
+    assert gateway.inflight.count(worker_id) == 0
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
+    base_url: str, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, model="m", token_delay=0.01)
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    body = json.dumps({**CHAT, "stream": True, "max_tokens": 4000}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with trio.fail_after(20):
+        [worker_id] = await register(gateway, [worker.port])
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            await stream.send_all(head.encode() + body)
+            received = b""
+            while b"data: " not in received:
+                received += await stream.receive_some()
+            assert gateway.inflight.count(worker_id) == 1
+        # the client went away after the first chunk: the upstream request ends at once
+        await gateway.inflight.wait_idle(worker_id)
+    assert worker.counts["POST /v1/chat/completions"] == 1
