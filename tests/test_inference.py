@@ -189,3 +189,21 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request
         # the client went away after the first chunk: the upstream request ends at once
         await gateway.inflight.wait_idle(worker_id)
     assert worker.counts["POST /v1/chat/completions"] == 1
+
+
+async def test_a_dead_worker_costs_retries_not_errors_and_its_breaker_opens(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [steady] = await start_workers(1, model="m")
+    [dying] = await start_workers(1, model="m", die_after=5)  # 4 detection probes + 1 request
+    with trio.fail_after(20):
+        [_, dying_id] = await register(gateway, [steady.port, dying.port])
+        statuses = Counter(
+            [(await client.post("/v1/chat/completions", json=CHAT)).status_code for _ in range(30)]
+        )
+        metrics = (await client.get("/metrics")).text
+    assert statuses == {200: 30}
+    assert f'tmg_circuit_breaker_state{{worker_id="{dying_id}"}} 1.0' in metrics
+    retries = [line for line in metrics.splitlines() if line.startswith("tmg_retries_total")]
+    assert retries and float(retries[0].split()[-1]) >= 1
+    assert steady.counts["POST /v1/chat/completions"] >= 29
