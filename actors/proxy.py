@@ -144,12 +144,17 @@ class DataPlane:
                 verdict = True
                 forwarded = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP]
                 forwarded.append((b"x-worker-id", worker.id.encode()))
+                sized = any(name == b"content-length" for name, _ in forwarded)
+                whole = await answer.read() if sized else None  # one send, not one per piece
                 await respond.start(status, forwarded)
                 answered = True
                 self._metrics.ttfb.labels(model).observe(time.perf_counter() - started)
-                async for chunk in answer.chunks():
-                    await respond.body(chunk, more=True)
-                await respond.body(b"", more=False)
+                if whole is None:  # a stream: pass each piece on as it arrives
+                    async for chunk in answer.chunks():
+                        await respond.body(chunk, more=True)
+            # the upstream answer is complete and its connection back in the pool before the
+            # client's answer ends (ending it lets the ASGI server report a disconnect)
+            await respond.body(whole or b"", more=False)
         except UpstreamError as error:
             if not verdict:
                 self.breakers.failed(worker.id, trio.current_time())

@@ -30,6 +30,7 @@ async def serve_api(
     config.errorlog = None
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 75.0
+    config.include_server_header = False
     quart = create_app(gateway, admin_api_key=admin_api_key)
     app = inference_app(gateway, quart)  # type: ignore[arg-type]
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
