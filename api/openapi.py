@@ -4,163 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.model import JobState, JobType, Runtime, WorkerStatus, WorkerType
-
-JSON = "application/json"
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _enum(kind: Any) -> dict[str, Any]:
-    values = [getattr(member, "value", member) for member in kind]
-    return {"type": "string", "enum": values}
-
-
-def _number(minimum: float, exclusive: bool) -> dict[str, Any]:
-    bound = "exclusiveMinimum" if exclusive else "minimum"
-    return {"type": "number", bound: minimum}
-
-
-HEALTH = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "timeout_secs": _number(0, True),
-        "check_interval_secs": _number(0, True),
-        "failure_threshold": {"type": "integer", "minimum": 1},
-        "success_threshold": {"type": "integer", "minimum": 1},
-        "disable": {"type": "boolean"},
-        "drain_settle_secs": _number(0, False),
-    },
-}
-LABELS = {"type": "object", "maxProperties": 128, "additionalProperties": {"type": "string"}}
-SPEC_PROPERTIES: dict[str, Any] = {
-    "url": {
-        "type": "string",
-        "maxLength": 2048,
-        "description": "http://H:P, https://H:P, grpc://H:P, grpcs://H:P or bare H:P",
-    },
-    "model_id": {"type": "string", "description": "skip model detection, serve this model"},
-    "worker_type": _enum(WorkerType),
-    "bootstrap_port": {"type": "integer", "minimum": 1, "maximum": 65535},
-    "runtime": _enum(Runtime),
-    "priority": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
-    "cost": {**_number(0, True), "default": 1.0},
-    "labels": LABELS,
-    "api_key": {"type": "string", "writeOnly": True},
-    "health": _ref("HealthConfig"),
-    "max_connection_attempts": {"type": "integer", "minimum": 1, "default": 20},
-    "registration_timeout_secs": {**_number(0, True), "default": 60},
-    "recheck_interval_secs": {**_number(0, False), "default": 30},
-    "drain_timeout_secs": {**_number(0, False), "default": 30},
-}
-JOB = {
-    "type": "object",
-    "required": ["job_type", "status", "message", "attempts", "updated_at"],
-    "properties": {
-        "job_type": _enum(JobType),
-        "status": _enum(JobState),
-        "message": _nullable({"type": "string"}),
-        "attempts": {"type": "integer", "minimum": 0},
-        "updated_at": {"type": "number"},
-    },
-}
-WORKER_INFO_PROPERTIES: dict[str, Any] = {
-    "id": {"type": "string", "format": "uuid"},
-    "url": {"type": "string"},
-    "model_id": _nullable({"type": "string"}),
-    "models": {
-        "type": "array",
-        "items": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
-    },
-    "worker_type": _enum(WorkerType),
-    "connection_mode": _nullable(_enum(["http", "grpc"])),
-    "runtime_type": _enum([*(r.value for r in Runtime), "unspecified"]),
-    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-    "priority": {"type": "integer"},
-    "cost": {"type": "number"},
-    "bootstrap_port": _nullable({"type": "integer"}),
-    "status": _enum(WorkerStatus),
-    "is_healthy": {"type": "boolean"},
-    "load": {"type": "integer", "minimum": 0, "description": "requests in flight through us"},
-    "job_status": _nullable(_ref("JobStatus")),
-    "created_at": {"type": "number"},
-    "updated_at": {"type": "number"},
-    "spec_version": {"type": "integer", "minimum": 1},
-    "max_connection_attempts": {"type": "integer"},
-    "registration_timeout_secs": {"type": "number"},
-    "recheck_interval_secs": {"type": "number"},
-    "drain_timeout_secs": {"type": "number"},
-    "health": _ref("HealthConfig"),
-}
-SCHEMAS: dict[str, Any] = {
-    "HealthConfig": HEALTH,
-    "WorkerSpec": {
-        "type": "object",
-        "required": ["url"],
-        "additionalProperties": False,
-        "properties": SPEC_PROPERTIES,
-    },
-    "WorkerPatch": {
-        "type": "object",
-        "additionalProperties": False,
-        "minProperties": 1,
-        "properties": {
-            "priority": SPEC_PROPERTIES["priority"],
-            "cost": SPEC_PROPERTIES["cost"],
-            "labels": {**LABELS, "additionalProperties": {"type": ["string", "null"]}},
-            "api_key": SPEC_PROPERTIES["api_key"],
-            "health": _ref("HealthConfig"),
-        },
-    },
-    "JobStatus": JOB,
-    "WorkerInfo": {
-        "type": "object",
-        "required": list(WORKER_INFO_PROPERTIES),
-        "properties": WORKER_INFO_PROPERTIES,
-        "not": {"required": ["api_key"]},
-    },
-    "WorkerList": {
-        "type": "object",
-        "required": ["workers", "total", "stats"],
-        "properties": {
-            "workers": {"type": "array", "items": _ref("WorkerInfo")},
-            "total": {"type": "integer"},
-            "stats": {
-                "type": "object",
-                "required": ["prefill_count", "decode_count", "regular_count", "by_status"],
-            },
-        },
-    },
-    "Accepted": {
-        "type": "object",
-        "required": ["status", "worker_id", "url", "location", "message"],
-        "properties": {
-            "status": {"const": "accepted"},
-            "worker_id": {"type": "string", "format": "uuid"},
-            "url": {"type": "string"},
-            "location": {"type": "string"},
-            "message": {"type": "string"},
-            "worker_status": _enum(["draining", "removed"]),
-        },
-    },
-    "Error": {
-        "type": "object",
-        "required": ["error", "code"],
-        "properties": {
-            "error": {"type": "string"},
-            "code": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$"},
-            "worker_id": {"type": "string"},
-            "field": {"type": "string"},
-        },
-    },
-}
+from actors.model import WorkerStatus, WorkerType
+from api.openapi_schemas import JSON, SCHEMAS, _enum, _ref
 
 
 def _answer(status: str, description: str, schema: str | None = None) -> dict[str, Any]:
@@ -181,6 +26,8 @@ def _op(summary: str, *answers: dict[str, Any], body: str | None = None, **extra
 
 
 ERR = "Error"
+OAI = "OpenAIError"
+SESSION = {"name": "x-session-id", "in": "header", "required": False, "schema": {"type": "string"}}
 BAD = _answer("400", "invalid body, URL, id or filter; `field` names it", ERR)
 MISSING = _answer("404", "no such worker", ERR)
 AUTH = {**_answer("401", "admin key missing", ERR), **_answer("403", "admin key wrong", ERR)}
@@ -259,6 +106,32 @@ PATHS: dict[str, Any] = {
             _answer("409", "not failed", ERR),
             AUTH,
         ),
+    },
+    "/v1/models": {
+        "get": _op("Models served by a ready worker", _answer("200", "list", "ModelList"))
+    },
+    **{
+        path: {
+            "post": _op(
+                summary,
+                _answer("200", "the worker's answer (SSE when stream is true); x-worker-id"),
+                _answer("400", "bad body or model", OAI),
+                _answer("404", "no worker lists the model", OAI),
+                _answer("413", "body over 32 MiB", OAI),
+                _answer("501", "served only by gRPC workers", OAI),
+                _answer("502", "the workers failed and retries are used up", OAI),
+                _answer("503", "no routable worker now (Retry-After)", OAI),
+                _answer("504", "the worker timed out", OAI),
+                body="InferenceRequest",
+                parameters=[SESSION],
+            )
+        }
+        for path, summary in (
+            ("/v1/chat/completions", "Chat completion, proxied"),
+            ("/v1/completions", "Completion, proxied"),
+            ("/v1/embeddings", "Embeddings, proxied"),
+            ("/generate", "SGLang native generate, proxied"),
+        )
     },
     "/health": {"get": _op("Process is alive", _answer("200", "OK"))},
     "/liveness": {"get": _op("Process is alive", _answer("200", "OK"))},

@@ -15,7 +15,7 @@ import trio
 from openapi_spec_validator import validate
 
 from actors.service import Gateway
-from api.openapi import SCHEMAS
+from api.openapi_schemas import SCHEMAS
 from api.schemas import _PATCH_FIELDS, _SPEC_FIELDS
 from api.serve import serve_api
 from tests.conftest import StartWorkers

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 
 import httpx
+import jsonschema
 import pytest
 import trio
 
@@ -207,3 +208,23 @@ async def test_a_dead_worker_costs_retries_not_errors_and_its_breaker_opens(
     retries = [line for line in metrics.splitlines() if line.startswith("tmg_retries_total")]
     assert retries and float(retries[0].split()[-1]) >= 1
     assert steady.counts["POST /v1/chat/completions"] >= 29
+
+
+async def test_inference_answers_match_the_openapi_description(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    [worker] = await start_workers(1, model="m")
+    with trio.fail_after(10):
+        await register(gateway, [worker.port])
+        document = (await client.get("/openapi.json")).json()
+        models = (await client.get("/v1/models")).json()
+        missing = (await client.post("/v1/chat/completions", json={**CHAT, "model": "x"})).json()
+
+    def check(instance: object, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": document["components"]}
+        jsonschema.validate(instance, schema, cls=jsonschema.Draft202012Validator)
+
+    check(models, "ModelList")
+    check(missing, "OpenAIError")
+    check(CHAT, "InferenceRequest")
+    assert {"/v1/chat/completions", "/v1/models", "/generate"} <= set(document["paths"])
