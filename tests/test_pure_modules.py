@@ -20,8 +20,11 @@ PURE = [
     "codec.py",
     "snapshot.py",
     "config.py",
+    "routing.py",
+    "prefix_cache.py",
+    "breaker.py",
 ]
-OPTIONAL_PURE = ["routing.py"]  # checked once it exists
+OPTIONAL_PURE: list[str] = []  # modules checked once they exist
 FORBIDDEN = {"trio", "httpx", "quart", "quart_trio", "hypercorn", "anyio", "outcome"}
 
 
