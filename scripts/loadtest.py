@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Load test of a gateway's worker routes, over HTTP only (ours, or any with smg's worker API).
+"""Load test of a gateway's worker or inference routes, over HTTP only (ours, smg, or a worker).
 
 ``--mode churn``: N clients, each owning one worker address, cycle for S seconds: POST /workers
 (202) → poll GET /workers/{id} until ready → DELETE (202) → poll GET until 404. ``--mode
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import re
 import sys
@@ -26,6 +25,14 @@ from typing import Any, TypeVar
 
 import httpx
 import trio
+
+if __package__ in (None, ""):  # run as a file: make the project root importable
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from scripts.load_inference import add_arguments, run_inference
+from scripts.load_inference import percentile_ms as percentile_ms  # loadtest's API, too
 
 T = TypeVar("T")
 PHASES = ("post", "to_ready", "delete", "to_gone")
@@ -42,14 +49,6 @@ class Slot:  # one worker address and what this run knows about it
     address: str
     worker_id: str | None = None
     expect_conflict: bool = True  # a 409 may be a leftover (first POST, or after a lost answer)
-
-
-def percentile_ms(samples: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of seconds, in milliseconds (None without samples)."""
-    if not samples:
-        return None
-    ordered = sorted(samples)
-    return round(ordered[max(1, math.ceil(pct / 100 * len(ordered))) - 1] * 1000, 3)
 
 
 def worker_state(body: dict[str, Any]) -> str:
@@ -240,6 +239,8 @@ async def register(run: Run, slots: list[Slot]) -> dict[str, object]:
 
 
 async def main(args: argparse.Namespace, addresses: list[str]) -> dict[str, object]:
+    if args.mode == "inference":
+        return await run_inference(args)
     count = args.clients if args.mode == "churn" else args.workers
     headers = {"Authorization": f"Bearer {args.admin_api_key}"} if args.admin_api_key else {}
     limits = httpx.Limits(max_connections=count * 2, max_keepalive_connections=count * 2)
@@ -258,25 +259,25 @@ async def main(args: argparse.Namespace, addresses: list[str]) -> dict[str, obje
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--gateway", required=True, help="base URL, e.g. http://127.0.0.1:30000")
-    add("--mode", required=True, choices=("churn", "register"))
+    add("--gateway", "--url", required=True, help="base URL, e.g. http://127.0.0.1:30000")
+    add("--mode", required=True, choices=("churn", "register", "inference"))
     add("--clients", type=int, default=1, help="churn: concurrent clients, one address each")
-    add("--duration", type=float, default=10.0, help="churn: seconds to keep cycling")
+    add("--duration", type=float, default=10.0, help="churn, inference: seconds measured")
     add("--workers", type=int, default=100, help="register: workers POSTed at once")
-    where = parser.add_mutually_exclusive_group(required=True)
+    where = parser.add_mutually_exclusive_group()  # churn and register: required
     where.add_argument("--worker-urls", nargs="+", metavar="URL", help="H:P or scheme://H:P")
     where.add_argument("--worker-ports", metavar="A-B", help="127.0.0.1:P for each port")
     add("--poll-ms", type=float, default=2.0, help="interval between polls of GET /workers/{id}")
     add("--cycle-timeout", type=float, default=30.0, help="seconds before a cycle is an error")
     add("--admin-api-key", default=None, help="sent as Authorization: Bearer")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     addresses: list[str] = args.worker_urls or []
     if args.worker_ports:
         first, _, last = args.worker_ports.partition("-")
-        ports = range(int(first), int(last or first) + 1)
-        addresses = [f"127.0.0.1:{port}" for port in ports]
+        addresses = [f"127.0.0.1:{p}" for p in range(int(first), int(last or first) + 1)]
     count = args.clients if args.mode == "churn" else args.workers
-    if not 1 <= count <= len(addresses):
+    if args.mode != "inference" and not 1 <= count <= len(addresses):
         parser.error(f"{count} clients/workers need 1..{len(addresses)} worker addresses")
     return args, addresses
 
@@ -294,4 +295,5 @@ if __name__ == "__main__":
     command = " ".join([os.path.relpath(sys.executable), *redacted(sys.argv)])
     print(json.dumps({"benchmark": f"loadtest_{arguments.mode}", "command": command,
                       "cores": os.cpu_count(), **figures}), flush=True)  # fmt: skip
-    sys.exit(1 if figures.get("failed_cycles") or figures["errors"] or figures["unexpected"] else 0)
+    bad = ("failed_cycles", "unexpected", "errors", "failures")  # inference: failures, 0 requests
+    sys.exit(1 if any(figures.get(key) for key in bad) or figures.get("requests") == 0 else 0)
