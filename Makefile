@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_registry.py
 	$(BIN)/python scripts/bench_churn.py
+	$(BIN)/python scripts/bench_inference.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """run_health_checker(): active health checks of ready workers.
 
-A supervisor follows the published snapshots and keeps one probing task per READY worker whose
+A supervisor follows the published snapshots (at most every ``COALESCE_SECS``, so a burst of
+registrations costs one pass) and keeps one probing task per READY worker whose
 ``health.disable`` is false (restarted when its health settings change, stopped when the worker
 leaves READY). Each task probes every ``check_interval_secs`` (HTTP ``GET /health``, or the HTTP/2
 preface for a gRPC worker), counts consecutive results, and when ``failure_threshold`` failures
@@ -24,6 +25,7 @@ from actors.model import HealthConfig, Worker, WorkerId, WorkerStatus
 from actors.snapshot import RegistrySnapshot
 
 log = logging.getLogger("tmg.health")
+COALESCE_SECS = 0.05  # a worker is looked at once it has been ready this long (probes come later)
 
 
 @dataclass(slots=True)
@@ -62,6 +64,7 @@ async def run_health_checker(
                     probing[worker_id] = _Probing(worker.spec.health, scope)
                     nursery.start_soon(_probe_forever, registry, prober, current, worker, scope)
             await changed()
+            await trio.sleep(COALESCE_SECS)  # under churn, one pass covers many changes
 
 
 async def _probe_forever(

@@ -69,13 +69,36 @@ Outbox = trio.MemorySendChannel[Envelope[Any]]
 
 async def ask(outbox: Outbox, message: Ask[T]) -> T:
     """Send ``message`` to the actor behind ``outbox`` and return its answer (or raise its
-    error). Raises GatewayStopped if the actor has stopped. Put the timeout at the call site."""
+    error). Raises GatewayStopped if the actor has stopped.
+
+    Only the send can wait long (a full inbox: backpressure); an actor answers at once, so a
+    caller that needs a bound puts it around ``deliver`` (see ``Gateway._ask``)."""
+    return await (await deliver(outbox, message)).wait()
+
+
+async def deliver(outbox: Outbox, message: Ask[T]) -> Reply[T]:
+    """Put ``message`` in the inbox (waiting for room if it is full); its Reply to await."""
+    reply = post(outbox, message)
+    if reply is None:
+        envelope: Envelope[T] = Envelope(message)
+        try:
+            await outbox.send(envelope)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise GatewayStopped() from None
+        reply = envelope.reply
+    return reply
+
+
+def post(outbox: Outbox, message: Ask[T]) -> Reply[T] | None:
+    """Put ``message`` in the inbox now (no checkpoint); None when the inbox is full."""
     envelope: Envelope[T] = Envelope(message)
     try:
-        await outbox.send(envelope)
+        outbox.send_nowait(envelope)
+    except trio.WouldBlock:
+        return None
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise GatewayStopped() from None
-    return await envelope.reply.wait()
+    return envelope.reply
 
 
 async def tell(outbox: Outbox, message: Ask[T]) -> None:
