@@ -1,4 +1,8 @@
-"""serve_api(): run the HTTP API on hypercorn until told to stop; supports nursery.start."""
+"""serve_api(): run the HTTP API until told to stop; supports nursery.start.
+
+Two servers can carry it: ``http1`` (api/http1.py, the default: built for the proxy's hot path)
+and ``hypercorn`` (the general-purpose ASGI server; about half the proxied throughput here).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ from hypercorn.trio import serve
 
 from actors.service import Gateway
 from api.app import create_app
+from api.http1 import ServerLimits, serve_http1
 from api.inference import inference_app
+
+SERVERS = ("http1", "hypercorn")
 
 
 async def serve_api(
@@ -20,10 +27,27 @@ async def serve_api(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     admin_api_key: str | None = None,
     graceful_timeout: float = 5.0,
+    server: str = "http1",
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or forever). ``nursery.start`` gets the list of
     bound URLs, e.g. ``["http://127.0.0.1:41234"]`` for ``bind="127.0.0.1:0"``."""
+    quart = create_app(gateway, admin_api_key=admin_api_key)
+    app = inference_app(gateway, quart)  # type: ignore[arg-type]
+    if server == "http1":
+        host, _, port = bind.rpartition(":")
+        limits = ServerLimits(graceful_timeout=graceful_timeout)
+        await serve_http1(
+            app,  # type: ignore[arg-type]
+            host=host.strip("[]"),
+            port=int(port),
+            shutdown_trigger=shutdown_trigger,
+            limits=limits,
+            task_status=task_status,
+        )
+        return
+    if server != "hypercorn":
+        raise ValueError(f"server must be one of {', '.join(SERVERS)}, not {server!r}")
     config = Config()
     config.bind = [bind]
     config.accesslog = None
@@ -31,6 +55,4 @@ async def serve_api(
     config.graceful_timeout = graceful_timeout
     config.keep_alive_timeout = 75.0
     config.include_server_header = False
-    quart = create_app(gateway, admin_api_key=admin_api_key)
-    app = inference_app(gateway, quart)  # type: ignore[arg-type]
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
