@@ -21,7 +21,7 @@ from actors.errors import GatewayError
 from actors.model import WorkerSpec
 from actors.service import Gateway, open_gateway
 from actors.urls import parse_worker_url
-from api.serve import serve_api
+from api.serve import SERVERS, serve_api
 
 log = logging.getLogger("tmg")
 ADMIN_KEY_ENV = "TMG_ADMIN_API_KEY"
@@ -48,6 +48,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="register this worker at start (repeatable)",
     )
     add("--policy", choices=POLICIES, default="round_robin", help="default routing policy")
+    add(
+        "--server",
+        choices=SERVERS,
+        default="http1",
+        help="HTTP server: http1 (built for the proxy's hot path) or hypercorn",
+    )
     add(
         "--retries",
         type=int,
@@ -212,6 +218,7 @@ async def serve_main(args: argparse.Namespace) -> None:
                     shutdown_trigger=stop.wait,
                     admin_api_key=args.admin_api_key,
                     graceful_timeout=args.shutdown_grace_secs,
+                    server=args.server,
                 )
             )
             auth = "admin key required" if args.admin_api_key else "no admin key"
