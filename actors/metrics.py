@@ -64,7 +64,7 @@ class _StateCollector(Collector):
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
+        self.proxied = Counter(
             "tmg_requests",
             "Proxied inference requests by model, worker and status code",
             ["model", "worker_id", "code"],

@@ -135,7 +135,7 @@ class DataPlane:
                 url.host, url.port, b"POST", request.path, headers, request.body, tls=url.is_tls
             ) as answer:
                 status = answer.status
-                self._metrics.requests.labels(model, worker.id, str(status)).inc()
+                self._metrics.proxied.labels(model, worker.id, str(status)).inc()
                 if status >= 500:
                     self.breakers.failed(worker.id, trio.current_time())
                     verdict = True

@@ -9,15 +9,13 @@ cancelling a workflow) is returned as effects for the registry actor to carry ou
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from actors import codec
 from actors.commands import (
     BeginDrain,
-    CancelJob,
     Command,
     CreateWorker,
     Effect,
@@ -29,12 +27,10 @@ from actors.commands import (
     RetryWorker,
     SetHealth,
     StartAttempt,
-    StartJob,
     UpdateSpec,
 )
 from actors.errors import (
     PreconditionFailed,
-    RegistryBusy,
     StaleJob,
     UrlMismatch,
     WorkerAlreadyExists,
@@ -43,11 +39,11 @@ from actors.errors import (
     WorkerNotFound,
 )
 from actors.indexes import WorkerIndexes
+from actors.jobs import JobBook, Replacement, UuidSource, require_job
 from actors.model import (
     ConnectionMode,
     Detection,
     JobState,
-    JobStatus,
     JobType,
     Worker,
     WorkerId,
@@ -59,46 +55,19 @@ from actors.model import (
 from actors.snapshot import RegistrySnapshot
 
 
-@dataclass(frozen=True, slots=True)
-class _Replacement:
-    job_id: int
-    spec: WorkerSpec
-
-
-class UuidSource:
-    """Worker ids: version-4 UUID strings from 80 random bits fixed per table and a 48-bit
-    counter, so an id is never handed out twice by one table (no reliance on luck) and two
-    tables (or a restart) collide only if 80 random bits do. About 5x cheaper than uuid4()."""
-
-    def __init__(self) -> None:
-        head = uuid.uuid4().hex[:20]  # carries the version nibble "4" at index 12
-        variant = "89ab"[int(head[16], 16) & 3]
-        self._prefix = f"{head[:8]}-{head[8:12]}-{head[12:16]}-{variant}{head[17:20]}-"
-        self._count = 0
-
-    def __call__(self) -> str:
-        self._count += 1
-        return f"{self._prefix}{self._count:012x}"
-
-
 class WorkerTable:
-    def __init__(
-        self, *, new_id: Callable[[], str] | None = None, queue_size: int = 1024
-    ) -> None:
+    def __init__(self, *, new_id: Callable[[], str] | None = None, queue_size: int = 1024) -> None:
         self._new_id = new_id or UuidSource()
         self.queue_size = queue_size
         self._indexes = WorkerIndexes()
         self._workers = self._indexes.workers  # read here; changed only via _put/_delete
-        self._replacing: dict[WorkerId, _Replacement] = {}
-        self._next_job_id = 1
-        self._effects: list[Effect] = []
-        self._job_slots = queue_size
+        self._jobs = JobBook(queue_size)
 
     # ---- the one entry point the registry actor uses -------------------------------------
 
     def apply(self, command: Command, *, now: float, job_slots: int | None = None) -> Worker:
         """Run one command. ``job_slots`` is how many more jobs the queue can take now."""
-        self._job_slots = self.queue_size if job_slots is None else job_slots
+        self._jobs.slots = self.queue_size if job_slots is None else job_slots
         match command:
             case CreateWorker(spec=spec):
                 return self.create(spec, now=now)
@@ -127,7 +96,7 @@ class WorkerTable:
         """The whole table as plain JSON-able data (worker api_keys included)."""
         return {
             "format": codec.FORMAT,
-            "next_job_id": self._next_job_id,
+            "next_job_id": self._jobs.next_id,
             "workers": [codec.worker_to_plain(worker) for worker in self._workers.values()],
         }
 
@@ -140,22 +109,21 @@ class WorkerTable:
         if data.get("format") != codec.FORMAT:
             raise ValueError(f"unknown registry dump format {data.get('format')!r}")
         table = cls(**options)
-        table._next_job_id = int(data["next_job_id"])
+        table._jobs.next_id = int(data["next_job_id"])
         for plain in data["workers"]:
             worker = codec.worker_from_plain(plain)
             if worker.status is WorkerStatus.DRAINING:
                 continue
             job = worker.job
             if worker.status is WorkerStatus.PENDING:
-                job = table._start_job(worker.id, JobType.ADD, worker.spec, now)
+                job = table._jobs.start(worker.id, JobType.ADD, worker.spec, now)
             elif job is not None and job.active:
                 job = replace(job, state=JobState.CANCELLED, message="the gateway restarted")
             table._put(replace(worker, job=job))
         return table
 
     def take_effects(self) -> list[Effect]:
-        effects, self._effects = self._effects, []
-        return effects
+        return self._jobs.take_effects()
 
     # ---- rules -------------------------------------------------------------------------
 
@@ -163,11 +131,11 @@ class WorkerTable:
         key = spec.url.key
         if (existing := self._indexes.by_key.get(key)) is not None:
             raise WorkerAlreadyExists(key, existing)
-        self._require_job_slot()
+        self._jobs.require_slot()
         worker_id = self._new_id()
         while worker_id in self._workers:  # never hand out a live id twice
             worker_id = self._new_id()
-        job = self._start_job(worker_id, JobType.ADD, spec, now)
+        job = self._jobs.start(worker_id, JobType.ADD, spec, now)
         worker = Worker(
             id=worker_id,
             spec=spec,
@@ -182,7 +150,7 @@ class WorkerTable:
         self, worker_id: WorkerId, job_id: int, attempt: int, message: str | None, *, now: float
     ) -> Worker:
         worker = self._require(worker_id)
-        job = self._require_job(worker, job_id)
+        job = require_job(worker, job_id)
         job = replace(
             job, state=JobState.RUNNING, attempts=attempt, message=message, updated_at=now
         )
@@ -192,12 +160,12 @@ class WorkerTable:
         self, worker_id: WorkerId, job_id: int, detection: Detection, *, now: float
     ) -> Worker:
         worker = self._require(worker_id)
-        job = self._require_job(worker, job_id)
+        job = require_job(worker, job_id)
         if detection.url.key != worker.key:
             raise StaleJob(worker_id, f"detection is for {detection.url.key}, not {worker.key}")
         done = replace(job, state=JobState.SUCCEEDED, message=None, updated_at=now)
         if job.job_type is JobType.REPLACE:
-            swap = self._replacing.pop(worker_id)
+            swap = self._jobs.replacing.pop(worker_id)
             return self._put(
                 replace(
                     worker,
@@ -221,10 +189,10 @@ class WorkerTable:
 
     def mark_failed(self, worker_id: WorkerId, job_id: int, reason: str, *, now: float) -> Worker:
         worker = self._require(worker_id)
-        job = self._require_job(worker, job_id)
+        job = require_job(worker, job_id)
         failed = replace(job, state=JobState.FAILED, message=reason, updated_at=now)
         if job.job_type is JobType.REPLACE:  # the old spec keeps serving
-            del self._replacing[worker_id]
+            del self._jobs.replacing[worker_id]
             return self._put(replace(worker, job=failed, updated_at=now))
         return self._put(
             replace(
@@ -246,14 +214,14 @@ class WorkerTable:
         if worker.status is WorkerStatus.DRAINING:
             raise WorkerDraining(worker_id)
         self._check_if_match(worker, if_match)
-        self._require_job_slot()
-        self._cancel_active_job(worker)
+        self._jobs.require_slot()
+        self._jobs.cancel_active(worker)
         if worker.status is WorkerStatus.READY:
-            job = self._start_job(worker_id, JobType.REPLACE, spec, now)
-            self._replacing[worker_id] = _Replacement(job.job_id, spec)
+            job = self._jobs.start(worker_id, JobType.REPLACE, spec, now)
+            self._jobs.replacing[worker_id] = Replacement(job.job_id, spec)
             updated = replace(worker, job=job, updated_at=now)
         else:  # nothing is serving yet: the new spec applies at once and registration restarts
-            job = self._start_job(worker_id, JobType.ADD, spec, now)
+            job = self._jobs.start(worker_id, JobType.ADD, spec, now)
             updated = replace(
                 worker,
                 spec=spec,
@@ -274,7 +242,7 @@ class WorkerTable:
         spec = patch.apply(worker.spec)
         job = worker.job
         if job is not None and job.active and job.job_type is JobType.REPLACE:
-            self._cancel_active_job(worker)
+            self._jobs.cancel_active(worker)
             job = replace(
                 job,
                 state=JobState.CANCELLED,
@@ -291,11 +259,11 @@ class WorkerTable:
         worker = self._require(worker_id)
         if worker.status is WorkerStatus.DRAINING:
             return worker
-        self._cancel_active_job(worker)
+        self._jobs.cancel_active(worker)
         if worker.status is not WorkerStatus.READY:  # pending or failed: nothing to drain
             self._delete(worker)
             return worker
-        job = self._new_job(JobType.REMOVE, now)
+        job = self._jobs.new(JobType.REMOVE, now)
         job = replace(job, state=JobState.RUNNING, message="draining in-flight requests")
         return self._put(replace(worker, status=WorkerStatus.DRAINING, job=job, updated_at=now))
 
@@ -310,9 +278,9 @@ class WorkerTable:
         worker = self._require(worker_id)
         if worker.status is not WorkerStatus.FAILED:
             raise WorkerNotFailed(worker_id, worker.status)
-        self._require_job_slot()
-        self._cancel_active_job(worker)
-        job = self._start_job(worker_id, JobType.RETRY, worker.spec, now)
+        self._jobs.require_slot()
+        self._jobs.cancel_active(worker)
+        job = self._jobs.start(worker_id, JobType.RETRY, worker.spec, now)
         return self._put(replace(worker, status=WorkerStatus.PENDING, job=job, updated_at=now))
 
     def recheck(self, worker_id: WorkerId, job_id: int, *, now: float) -> Worker:
@@ -322,8 +290,8 @@ class WorkerTable:
             raise StaleJob(worker_id, f"worker is {worker.status}")
         if worker.job.job_id != job_id or worker.job.active:
             raise StaleJob(worker_id, "a newer job took over")
-        self._require_job_slot()
-        job = self._start_job(worker_id, JobType.RECHECK, worker.spec, now)
+        self._jobs.require_slot()
+        job = self._jobs.start(worker_id, JobType.RECHECK, worker.spec, now)
         job = replace(job, message=worker.job.message)
         return self._put(replace(worker, job=job, updated_at=now))
 
@@ -370,44 +338,13 @@ class WorkerTable:
             raise WorkerNotFound(worker_id)
         return worker
 
-    def _require_job(self, worker: Worker, job_id: int) -> JobStatus:
-        job = worker.job
-        if job is None or job.job_id != job_id or not job.active or job.job_type is JobType.REMOVE:
-            raise StaleJob(worker.id, "a newer request superseded this job")
-        return job
-
-    def _require_job_slot(self) -> None:
-        if self._job_slots <= 0:
-            raise RegistryBusy(self.queue_size)
-        self._job_slots -= 1
-
     def _check_if_match(self, worker: Worker, if_match: int | None) -> None:
         if if_match is not None and if_match != worker.spec_version:
             raise PreconditionFailed(worker.id, if_match, worker.spec_version)
-
-    def _new_job(self, job_type: JobType, now: float) -> JobStatus:
-        job_id = self._next_job_id
-        self._next_job_id += 1
-        return JobStatus(job_id=job_id, job_type=job_type, state=JobState.QUEUED, updated_at=now)
-
-    def _start_job(
-        self, worker_id: WorkerId, job_type: JobType, spec: WorkerSpec, now: float
-    ) -> JobStatus:
-        job = self._new_job(job_type, now)
-        self._effects.append(
-            StartJob(worker_id=worker_id, job_id=job.job_id, job_type=job_type, spec=spec)
-        )
-        return job
-
-    def _cancel_active_job(self, worker: Worker) -> None:
-        if worker.job is not None and worker.job.active:
-            self._effects.append(CancelJob(worker_id=worker.id, job_id=worker.job.job_id))
-        self._replacing.pop(worker.id, None)
 
     def _put(self, worker: Worker) -> Worker:
         return self._indexes.put(worker)
 
     def _delete(self, worker: Worker) -> None:
         self._indexes.delete(worker)
-        self._replacing.pop(worker.id, None)
-        self._effects.append(CancelJob(worker_id=worker.id, job_id=None))
+        self._jobs.forget(worker)

@@ -23,7 +23,15 @@ from typing import Any
 
 import trio
 
-from api.http1_parse import BadRequest, DateHeader, Head, Reader, serialize_head
+from api.http1_parse import (
+    BadRequest,
+    DateHeader,
+    Head,
+    Reader,
+    address,
+    content_length,
+    serialize_head,
+)
 
 log = logging.getLogger("tmg.http")
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -127,8 +135,8 @@ class _Connection:
         self._limits = limits = server.limits
         self._reader = Reader(stream, limits.max_head_bytes, limits.max_headers)
         sock = getattr(stream, "socket", None)
-        self._client = _address(sock.getpeername()) if sock is not None else None
-        self._server = _address(sock.getsockname()) if sock is not None else None
+        self._client = address(sock.getpeername()) if sock is not None else None
+        self._server = address(sock.getsockname()) if sock is not None else None
 
     async def run(self) -> None:
         async with self._stream:
@@ -235,7 +243,7 @@ class _Exchange:
             self.started = True
             status = int(message["status"])
             headers = list(message.get("headers", ()))
-            length = _content_length(headers)
+            length = content_length(headers)
             bodiless = self._head.method == "HEAD" or status in (204, 304) or status < 200
             self._chunked = length is None and not bodiless
             if self._chunked:
@@ -267,19 +275,6 @@ class _Exchange:
                 await self._stream.send_all(out)
             if not more:
                 self.finished = True
-
-
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            return int(value)
-    return None
-
-
-def _address(address: Any) -> tuple[str, int] | None:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return str(address[0]), int(address[1])
-    return None
 
 
 @asynccontextmanager

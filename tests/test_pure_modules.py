@@ -23,6 +23,7 @@ PURE = [
     "routing.py",
     "prefix_cache.py",
     "breaker.py",
+    "jobs.py",
 ]
 OPTIONAL_PURE: list[str] = []  # modules checked once they exist
 FORBIDDEN = {"trio", "httpx", "quart", "quart_trio", "hypercorn", "anyio", "outcome"}
