@@ -196,7 +196,14 @@ class _Connection:
         return exchange.finished and head.keep_alive and not exchange.close
 
     async def _read_body(self, head: Head) -> bytes:
-        if head.expects_continue and (head.content_length or head.chunked):
+        limit = self._limits.max_body_bytes
+        if head.content_length is not None and head.content_length > limit:
+            raise BadRequest(413, f"the body is over {limit} bytes")  # before any 100 Continue
+        if (
+            head.expects_continue
+            and head.version == "1.1"
+            and (head.content_length or head.chunked)
+        ):
             await self._stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await self._reader.read_body(head, self._limits.max_body_bytes)
 
@@ -226,7 +233,7 @@ class _Exchange:
         self._reader = reader
         self._pending: bytes | None = None  # the response head, sent with the first body piece
         self._chunked = False
-        self.started = self.finished = self.close = False
+        self.started = self.finished = self.close = self.gone = False
 
     async def receive(self) -> Message:
         if self._body is not None:
@@ -252,7 +259,9 @@ class _Exchange:
                     self.close = True
                 else:
                     headers.append((b"transfer-encoding", b"chunked"))
-            if not self._head.keep_alive or self.close:
+            if any(n.lower() == b"connection" and v.lower() == b"close" for n, v in headers):
+                self.close = True  # the app asked for it
+            elif not self._head.keep_alive or self.close:
                 headers.append((b"connection", b"close"))
             self._pending = serialize_head(status, headers, None, self._date())
             self._bodiless = bodiless
@@ -271,26 +280,42 @@ class _Exchange:
                         out += b"0\r\n\r\n"
                 else:
                     out += data
-            if out:
-                await self._stream.send_all(out)
+            if out and not self.gone:
+                try:
+                    await self._stream.send_all(out)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.gone = self.close = True  # the client left: later sends do nothing
             if not more:
                 self.finished = True
 
 
 @asynccontextmanager
 async def _lifespan(app: ASGIApp) -> AsyncIterator[None]:
-    """Run the app's lifespan protocol around serving (startup before, shutdown after)."""
+    """Run the app's lifespan protocol around serving (startup before, shutdown after). An app
+    that does not speak it (returns or raises on the lifespan scope) is served without it."""
     to_app_send, to_app = trio.open_memory_channel[Message](2)
     from_app_send, from_app = trio.open_memory_channel[Message](2)
     scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
+
+    async def run() -> None:
+        try:
+            await app(scope, to_app.receive, from_app_send.send)
+        except Exception as error:
+            log.debug("the app has no lifespan support (%r): serving without it", error)
+        from_app_send.close()  # the app is done with lifespan: tell whoever waits
+
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(app, scope, to_app.receive, from_app_send.send)
+        nursery.start_soon(run)
         await to_app_send.send({"type": "lifespan.startup"})
-        answer = await from_app.receive()
-        if answer["type"] != "lifespan.startup.complete":
+        try:
+            answer = await from_app.receive()
+        except trio.EndOfChannel:
+            answer = None  # no lifespan support
+        if answer is not None and answer["type"] != "lifespan.startup.complete":
             raise RuntimeError(f"the app failed to start: {answer.get('message', answer)}")
         yield  # on cancellation the app's lifespan task is cancelled with us: no shutdown
-        with trio.move_on_after(5):
-            await to_app_send.send({"type": "lifespan.shutdown"})
-            await from_app.receive()
+        if answer is not None:
+            with trio.move_on_after(5):
+                await to_app_send.send({"type": "lifespan.shutdown"})
+                await from_app.receive()
         nursery.cancel_scope.cancel()

@@ -66,6 +66,7 @@ class Reader:
         return bool(data)
 
     async def read_head(self) -> Head:
+        self._buffer = self._buffer.lstrip(b"\r\n")  # empty lines before a request: ignored
         searched = 0
         while (end := self._buffer.find(b"\r\n\r\n", searched)) < 0:
             if len(self._buffer) > self._max_head:
@@ -112,6 +113,8 @@ class Reader:
                 raise BadRequest(400, "the connection closed in the middle of a chunked body")
             self._buffer += data
         line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+        if _BAD_VALUE.search(line):  # a bare LF or control byte: framing others may read apart
+            raise BadRequest(400, "a chunk or trailer line holds a control character")
         return line
 
     async def _read_chunked(self, max_body: int) -> bytes:
@@ -126,9 +129,14 @@ class Reader:
             if total > max_body:
                 raise BadRequest(413, f"the body is over {max_body} bytes")
             if size == 0:
-                while await self._line(self._max_head):  # trailers: read and drop
-                    pass
-                return b"".join(pieces)
+                for _ in range(self._max_headers + 1):  # trailers: checked, then dropped
+                    trailer = await self._line(self._max_head)
+                    if not trailer:
+                        return b"".join(pieces)
+                    name, colon, _ = trailer.partition(b":")
+                    if not colon or not _TOKEN.match(name):
+                        raise BadRequest(400, "a trailer line is malformed")
+                raise BadRequest(431, f"more than {self._max_headers} trailer lines")
             while len(self._buffer) < size + 2:
                 data = await self._stream.receive_some(RECV)
                 if not data:
