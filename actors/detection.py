@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import ssl
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
 import httpx
@@ -112,26 +113,47 @@ class Detector:
         if not health.is_success:
             raise DetectionError(f"GET {url.text}/health answered {health.status_code}")
 
+        # the model list and SGLang's info routes are independent: ask them at once
+        listing: list[httpx.Response] = []
+        info: list[dict[str, Any] | None] = []
+
+        async def sglang_info() -> None:
+            server_info = await _first_json(get, "/server_info", "/get_server_info")
+            model_info = None
+            if server_info is not None:
+                model_info = await _first_json(get, "/model_info", "/get_model_info")
+            info.extend((server_info, model_info))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                if spec.model_id is None:
+                    nursery.start_soon(_append, listing, get("/v1/models"))
+                if spec.runtime in (None, Runtime.SGLANG):
+                    nursery.start_soon(sglang_info)
+        except BaseExceptionGroup as group:
+            probe_errors, others = group.split((DetectionError, _NotHttp))
+            if others is not None or probe_errors is None:
+                raise  # a cancellation (or a bug) propagates untouched
+            raise _first_leaf(probe_errors) from None
+
         owner: str | None = None
         if spec.model_id is not None:
             models = [ModelCard(id=spec.model_id)]
         else:
-            listing = await get("/v1/models")
-            if not listing.is_success:
-                raise DetectionError(f"GET {url.text}/v1/models answered {listing.status_code}")
-            models, owner = _parse_models(listing, url)
+            if not listing[0].is_success:
+                status = listing[0].status_code
+                raise DetectionError(f"GET {url.text}/v1/models answered {status}")
+            models, owner = _parse_models(listing[0], url)
 
         labels: dict[str, str] = {}
         runtime = spec.runtime or _runtime_from_owner(owner)
-        if runtime in (None, Runtime.SGLANG):
-            server_info = await _first_json(get, "/server_info", "/get_server_info")
-            if server_info is not None:
-                runtime = runtime or Runtime.SGLANG
-                labels.update(_labels(server_info))
-                model_info = await _first_json(get, "/model_info", "/get_model_info")
-                if model_info is not None:
-                    labels.update(_labels(model_info))
-                    models = [_with_details(models[0], model_info), *models[1:]]
+        server_info, model_info = info or (None, None)
+        if runtime in (None, Runtime.SGLANG) and server_info is not None:
+            runtime = runtime or Runtime.SGLANG
+            labels.update(_labels(server_info))
+            if model_info is not None:
+                labels.update(_labels(model_info))
+                models = [_with_details(models[0], model_info), *models[1:]]
         if runtime is None:
             version = await _first_json(get, "/version")
             runtime = Runtime.VLLM if version is not None else Runtime.EXTERNAL
@@ -187,14 +209,18 @@ async def probe_http2(url: WorkerUrl) -> None:
 
 def _reason(error: BaseException) -> str:
     """A short cause: "connection refused" and the like when the chain of errors says so."""
-    seen: list[BaseException] = [error]
-    while seen:
-        current = seen.pop()
+    todo: list[BaseException] = [error]
+    visited: set[int] = set()  # chains can loop (a context that holds its own group)
+    while todo:
+        current = todo.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
         if isinstance(current, OSError) and current.errno in _ERRNO_REASONS:
             return _ERRNO_REASONS[current.errno]
         if isinstance(current, BaseExceptionGroup):
-            seen.extend(current.exceptions)
-        seen.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     text = str(error) or type(error).__name__
     return "connection refused" if "refused" in text.lower() else text
 
@@ -213,6 +239,18 @@ def _parse_models(response: httpx.Response, url: WorkerUrl) -> tuple[list[ModelC
     details = [{k: v for k, v in entry.items() if k not in ("id", "object")} for entry in data]
     owner = owners[0] if owners and isinstance(owners[0], str) else None
     return [ModelCard(id=i, details=d) for i, d in zip(ids, details, strict=True)], owner
+
+
+async def _append(into: list[httpx.Response], answer: Awaitable[httpx.Response]) -> None:
+    into.append(await answer)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first error in a (possibly nested) group from concurrent probes."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 def _runtime_from_owner(owner: str | None) -> Runtime | None:

@@ -234,7 +234,10 @@ async def test_an_api_key_is_sent_as_a_bearer_token_on_every_request() -> None:
 
     await detect(worker, api_key="sk-secret")
 
-    assert worker.paths == ["/health", "/v1/models", "/server_info", "/get_server_info", "/version"]
+    # /health first; the model list and SGLang's info routes are then asked concurrently
+    assert worker.paths[0] == "/health"
+    probes = ["/get_server_info", "/server_info", "/v1/models", "/version"]
+    assert sorted(worker.paths[1:]) == probes
     assert all(r.headers.get("authorization") == "Bearer sk-secret" for r in worker.requests)
 
 
@@ -557,3 +560,14 @@ async def test_a_bare_address_that_speaks_neither_protocol_fails_naming_both(
     assert "gRPC" in message
     assert f"127.0.0.1:{port}" in message
     assert server.seen == ["GET /health HTTP/1.1", "h2 preface"]
+
+
+def test_the_reason_of_an_error_whose_context_chain_loops_is_found_and_terminates() -> None:
+    from actors.detection import _reason
+
+    refused = ConnectionRefusedError(111, "Connection refused")
+    group = BaseExceptionGroup("probes", [refused])
+    refused.__context__ = group  # a loop, as concurrent probes can leave behind
+    wrapper = RuntimeError("all attempts failed")
+    wrapper.__cause__ = group
+    assert _reason(wrapper) == "connection refused"
