@@ -48,6 +48,7 @@ class ServerLimits:
     max_headers: int = 100
     max_body_bytes: int = 32 * 1024 * 1024  # the app may refuse less (the management API: 1 MiB)
     head_timeout: float = 30.0  # from the first byte of a request to the end of its head
+    body_timeout: float = 120.0  # from the end of the head to the end of the body
     keep_alive_timeout: float = 75.0  # an idle connection is closed after this long
     graceful_timeout: float = 5.0  # requests in progress get this long to finish on shutdown
 
@@ -163,9 +164,10 @@ class _Connection:
         try:
             with trio.fail_after(limits.head_timeout):
                 head = await self._reader.read_head()
-            body = await self._read_body(head)
+            with trio.fail_after(limits.body_timeout):
+                body = await self._read_body(head)
         except trio.TooSlowError:
-            await self._refuse(408, "the request head took too long")
+            await self._refuse(408, "the request took too long to arrive")
             return False
         except BadRequest as error:
             await self._refuse(error.status, error.message)

@@ -559,6 +559,18 @@ async def test_a_head_sent_too_slowly_gets_408(app: App, nursery: trio.Nursery) 
     assert app.paths == []
 
 
+async def test_a_body_sent_too_slowly_gets_408(app: App, nursery: trio.Nursery) -> None:
+    url = await serve(nursery, app, limits=ServerLimits(body_timeout=0.1))
+    with trio.fail_after(5):
+        peer = await connect(url)
+        async with peer.stream:
+            head = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+            await peer.send(head + b"abc")  # 3 of the 10 promised bytes, then nothing
+            assert (await peer.answer()).status == 408
+            await peer.closed()
+    assert app.paths == []
+
+
 async def test_an_idle_keep_alive_connection_is_closed_after_keep_alive_timeout(
     app: App, nursery: trio.Nursery
 ) -> None:
