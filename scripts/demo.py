@@ -38,11 +38,13 @@ trio-model-gateway demo: gateway at {url}, fake workers on ports {workers[0].por
 (model "demo-model"). Worker {first.id} is registered and ready. Try:
 
   JSON='Content-Type: application/json'
+  CHAT='{{"model": "demo-model", "messages": [{{"role": "user", "content": "hi"}}]}}'
 
   curl -s {url}/workers | python3 -m json.tool
   curl -s -X POST {url}/workers -H "$JSON" -d '{{"url": "127.0.0.1:{second}"}}'
   curl -s -X PATCH {url}/workers/{first.id} -H "$JSON" -d '{{"priority": 10}}'
   curl -s -X DELETE {url}/workers/{first.id}
+  curl -s {url}/v1/chat/completions -H "$JSON" -d "$CHAT"
   curl -s {url}/readiness
   open {url}/docs   (the API description; /openapi.json for machines)
 
