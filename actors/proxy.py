@@ -44,7 +44,6 @@ class ProxyRequest:
     path: bytes  # the target forwarded to the worker, e.g. b"/v1/chat/completions"
     body: bytes  # forwarded unchanged
     route: RouteRequest
-    authorization: bytes | None = None  # the client's, forwarded when the worker has no api_key
     accept: bytes | None = None
 
 
@@ -174,10 +173,10 @@ class DataPlane:
     @staticmethod
     def _headers(worker: Worker, request: ProxyRequest) -> Headers:
         headers: Headers = [(b"content-type", b"application/json")]
+        # only the worker's own key: the client's Authorization may be a credential for this
+        # gateway (its admin key), so it is never passed on
         if worker.spec.api_key:
             headers.append((b"authorization", b"Bearer " + worker.spec.api_key.encode()))
-        elif request.authorization is not None:
-            headers.append((b"authorization", request.authorization))
         if request.accept is not None:
             headers.append((b"accept", request.accept))
         return headers

@@ -82,12 +82,10 @@ async def _proxy(
     if not isinstance(model, str) or not model:
         message = "'model' is required" if model is None else "'model' must be a non-empty string"
         return await _error(send, 400, "missing_required_parameter", message, param="model")
-    session = authorization = accept = None
+    session = accept = None
     for name, value in scope["headers"]:
         if name == b"x-session-id":
             session = value.decode("latin-1")
-        elif name == b"authorization":
-            authorization = value
         elif name == b"accept":
             accept = value
     if session is None and isinstance(user := data.get("user"), str):
@@ -99,7 +97,6 @@ async def _proxy(
         path=scope["raw_path"] or scope["path"].encode(),
         body=body,
         route=route,
-        authorization=authorization,
         accept=accept,
     )
     if data.get("stream") is True:  # a client leaving mid-stream cancels the upstream request

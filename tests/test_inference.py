@@ -10,6 +10,10 @@ import jsonschema
 import pytest
 import trio
 
+from actors import worker_spec
+from actors.model import Worker, WorkerStatus
+from actors.proxy import DataPlane, ProxyRequest
+from actors.routing import RouteRequest
 from actors.service import Gateway
 from tests.conftest import Open, StartWorkers, register
 
@@ -228,3 +232,19 @@ async def test_inference_answers_match_the_openapi_description(
     check(missing, "OpenAIError")
     check(CHAT, "InferenceRequest")
     assert {"/v1/chat/completions", "/v1/models", "/generate"} <= set(document["paths"])
+
+
+def test_only_the_workers_own_api_key_is_sent_to_it() -> None:
+    request = ProxyRequest(path=b"/v1/completions", body=b"{}", route=RouteRequest(model="m"))
+    keyed = Worker(
+        id="w",
+        spec=worker_spec("a:1", api_key="sk-worker"),
+        status=WorkerStatus.READY,
+        created_at=0,
+        updated_at=0,
+    )
+    bare = Worker(
+        id="v", spec=worker_spec("b:1"), status=WorkerStatus.READY, created_at=0, updated_at=0
+    )
+    assert (b"authorization", b"Bearer sk-worker") in DataPlane._headers(keyed, request)
+    assert all(name != b"authorization" for name, _ in DataPlane._headers(bare, request))
