@@ -42,6 +42,18 @@ class WorkerIndexes:
         self._changed()
         self._reindex(worker, None, worker.id)
 
+    def key_index(self) -> dict[str, WorkerId]:
+        return dict(self.by_key)
+
+    def model_index(self) -> dict[str, frozenset[WorkerId]]:
+        return {model: frozenset(ids) for model, ids in self.by_model.items()}
+
+    def type_index(self) -> dict[WorkerType, frozenset[WorkerId]]:
+        return {kind: frozenset(ids) for kind, ids in self.by_type.items()}
+
+    def mode_index(self) -> dict[ConnectionMode, frozenset[WorkerId]]:
+        return {mode: frozenset(ids) for mode, ids in self.by_mode.items()}
+
     def snapshot(self) -> RegistrySnapshot:
         """The frozen view of the current state (built once per change, then shared)."""
         if self._snapshot is None:

@@ -22,9 +22,9 @@ class Replacement:
 
 
 class JobBook:
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self, queue_size: int, first_id: int = 1) -> None:
         self.queue_size = queue_size
-        self.next_id = 1
+        self.next_id = first_id
         self.slots = queue_size  # set by the table for each command
         self.effects: list[Effect] = []
         self.replacing: dict[WorkerId, Replacement] = {}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from actors.errors import PreconditionFailed
 from actors.urls import WorkerUrl
 
 WorkerId = str
@@ -196,6 +197,18 @@ class Worker:
         """Detected labels overlaid by the operator's labels."""
         detected = self.detection.labels if self.detection is not None else {}
         return {**detected, **self.spec.labels}
+
+    @classmethod
+    def pending(cls, *, id: WorkerId, spec: WorkerSpec, job: JobStatus, now: float) -> Worker:
+        """A new registration: waiting for its job's detection."""
+        return cls(
+            id=id, spec=spec, status=WorkerStatus.PENDING, created_at=now, updated_at=now, job=job
+        )
+
+    def require_version(self, if_match: int | None) -> None:
+        """An If-Match that names another spec version is refused (412)."""
+        if if_match is not None and if_match != self.spec_version:
+            raise PreconditionFailed(self.id, if_match, self.spec_version)
 
     @property
     def is_routable(self) -> bool:

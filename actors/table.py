@@ -11,37 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any
 
-from actors import codec
-from actors.commands import (
-    BeginDrain,
-    Command,
-    CreateWorker,
-    Effect,
-    FinishDrain,
-    MarkFailed,
-    MarkReady,
-    RecheckWorker,
-    ReplaceSpec,
-    RetryWorker,
-    SetHealth,
-    StartAttempt,
-    UpdateSpec,
-)
-from actors.errors import (
-    PreconditionFailed,
-    StaleJob,
-    UrlMismatch,
-    WorkerAlreadyExists,
-    WorkerDraining,
-    WorkerNotFailed,
-    WorkerNotFound,
-)
+from actors import commands as cmd
+from actors import errors
 from actors.indexes import WorkerIndexes
 from actors.jobs import JobBook, Replacement, UuidSource, require_job
 from actors.model import (
-    ConnectionMode,
     Detection,
     JobState,
     JobType,
@@ -50,79 +25,68 @@ from actors.model import (
     WorkerPatch,
     WorkerSpec,
     WorkerStatus,
-    WorkerType,
 )
 from actors.snapshot import RegistrySnapshot
 
 
 class WorkerTable:
-    def __init__(self, *, new_id: Callable[[], str] | None = None, queue_size: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        new_id: Callable[[], str] | None = None,
+        queue_size: int = 1024,
+        first_job_id: int = 1,
+    ) -> None:
         self._new_id = new_id or UuidSource()
-        self.queue_size = queue_size
         self._indexes = WorkerIndexes()
         self._workers = self._indexes.workers  # read here; changed only via _put/_delete
-        self._jobs = JobBook(queue_size)
+        self._jobs = JobBook(queue_size, first_job_id)
 
     # ---- the one entry point the registry actor uses -------------------------------------
 
-    def apply(self, command: Command, *, now: float, job_slots: int | None = None) -> Worker:
+    def apply(self, command: cmd.Command, *, now: float, job_slots: int | None = None) -> Worker:
         """Run one command. ``job_slots`` is how many more jobs the queue can take now."""
-        self._jobs.slots = self.queue_size if job_slots is None else job_slots
+        self._jobs.slots = self._jobs.queue_size if job_slots is None else job_slots
         match command:
-            case CreateWorker(spec=spec):
+            case cmd.CreateWorker(spec=spec):
                 return self.create(spec, now=now)
-            case StartAttempt(worker_id=wid, job_id=job_id, attempt=attempt, message=message):
+            case cmd.StartAttempt(worker_id=wid, job_id=job_id, attempt=attempt, message=message):
                 return self.start_attempt(wid, job_id, attempt, message, now=now)
-            case MarkReady(worker_id=wid, job_id=job_id, detection=detection):
+            case cmd.MarkReady(worker_id=wid, job_id=job_id, detection=detection):
                 return self.mark_ready(wid, job_id, detection, now=now)
-            case MarkFailed(worker_id=wid, job_id=job_id, reason=reason):
+            case cmd.MarkFailed(worker_id=wid, job_id=job_id, reason=reason):
                 return self.mark_failed(wid, job_id, reason, now=now)
-            case ReplaceSpec(worker_id=wid, spec=spec, if_match=if_match):
+            case cmd.ReplaceSpec(worker_id=wid, spec=spec, if_match=if_match):
                 return self.replace(wid, spec, if_match=if_match, now=now)
-            case UpdateSpec(worker_id=wid, patch=patch, if_match=if_match):
+            case cmd.UpdateSpec(worker_id=wid, patch=patch, if_match=if_match):
                 return self.update(wid, patch, if_match=if_match, now=now)
-            case BeginDrain(worker_id=wid):
+            case cmd.BeginDrain(worker_id=wid):
                 return self.begin_drain(wid, now=now)
-            case FinishDrain(worker_id=wid):
+            case cmd.FinishDrain(worker_id=wid):
                 return self.finish_drain(wid)
-            case RetryWorker(worker_id=wid):
+            case cmd.RetryWorker(worker_id=wid):
                 return self.retry(wid, now=now)
-            case RecheckWorker(worker_id=wid, job_id=job_id):
+            case cmd.RecheckWorker(worker_id=wid, job_id=job_id):
                 return self.recheck(wid, job_id, now=now)
-            case SetHealth(worker_id=wid, healthy=healthy):
+            case cmd.SetHealth(worker_id=wid, healthy=healthy):
                 return self.set_health(wid, healthy, now=now)
 
-    def dump(self) -> dict[str, Any]:
-        """The whole table as plain JSON-able data (worker api_keys included)."""
-        return {
-            "format": codec.FORMAT,
-            "next_job_id": self._jobs.next_id,
-            "workers": [codec.worker_to_plain(worker) for worker in self._workers.values()],
-        }
+    @property
+    def next_job_id(self) -> int:
+        return self._jobs.next_id
 
-    @classmethod
-    def restore(cls, data: Mapping[str, Any], *, now: float, **options: Any) -> WorkerTable:
-        """A table holding a dump's workers. Work that was in progress restarts: a pending
-        worker's registration is queued again (its StartJob is in ``take_effects()``), a PUT
-        that had not swapped in yet is recorded as cancelled (the old spec kept serving), and a
-        draining worker is removed (after a restart nothing is in flight)."""
-        if data.get("format") != codec.FORMAT:
-            raise ValueError(f"unknown registry dump format {data.get('format')!r}")
-        table = cls(**options)
-        table._jobs.next_id = int(data["next_job_id"])
-        for plain in data["workers"]:
-            worker = codec.worker_from_plain(plain)
-            if worker.status is WorkerStatus.DRAINING:
-                continue
-            job = worker.job
-            if worker.status is WorkerStatus.PENDING:
-                job = table._jobs.start(worker.id, JobType.ADD, worker.spec, now)
-            elif job is not None and job.active:
-                job = replace(job, state=JobState.CANCELLED, message="the gateway restarted")
-            table._put(replace(worker, job=job))
-        return table
+    def adopt(self, worker: Worker, *, now: float) -> None:
+        """Take in a worker from a dump; work in progress restarts (actors/persistence.py)."""
+        job = worker.job
+        if worker.status is WorkerStatus.DRAINING:
+            return
+        if worker.status is WorkerStatus.PENDING:
+            job = self._jobs.start(worker.id, JobType.ADD, worker.spec, now)
+        elif job is not None and job.active:
+            job = replace(job, state=JobState.CANCELLED, message="the gateway restarted")
+        self._put(replace(worker, job=job))
 
-    def take_effects(self) -> list[Effect]:
+    def take_effects(self) -> list[cmd.Effect]:
         return self._jobs.take_effects()
 
     # ---- rules -------------------------------------------------------------------------
@@ -130,21 +94,13 @@ class WorkerTable:
     def create(self, spec: WorkerSpec, *, now: float) -> Worker:
         key = spec.url.key
         if (existing := self._indexes.by_key.get(key)) is not None:
-            raise WorkerAlreadyExists(key, existing)
+            raise errors.WorkerAlreadyExists(key, existing)
         self._jobs.require_slot()
         worker_id = self._new_id()
         while worker_id in self._workers:  # never hand out a live id twice
             worker_id = self._new_id()
         job = self._jobs.start(worker_id, JobType.ADD, spec, now)
-        worker = Worker(
-            id=worker_id,
-            spec=spec,
-            status=WorkerStatus.PENDING,
-            created_at=now,
-            updated_at=now,
-            job=job,
-        )
-        return self._put(worker)
+        return self._put(Worker.pending(id=worker_id, spec=spec, job=job, now=now))
 
     def start_attempt(
         self, worker_id: WorkerId, job_id: int, attempt: int, message: str | None, *, now: float
@@ -162,7 +118,9 @@ class WorkerTable:
         worker = self._require(worker_id)
         job = require_job(worker, job_id)
         if detection.url.key != worker.key:
-            raise StaleJob(worker_id, f"detection is for {detection.url.key}, not {worker.key}")
+            raise errors.StaleJob(
+                worker_id, f"detection is for {detection.url.key}, not {worker.key}"
+            )
         done = replace(job, state=JobState.SUCCEEDED, message=None, updated_at=now)
         if job.job_type is JobType.REPLACE:
             swap = self._jobs.replacing.pop(worker_id)
@@ -210,10 +168,10 @@ class WorkerTable:
     ) -> Worker:
         worker = self._require(worker_id)
         if spec.url.key != worker.key:
-            raise UrlMismatch(worker.url.text, spec.url.text)
+            raise errors.UrlMismatch(worker.url.text, spec.url.text)
         if worker.status is WorkerStatus.DRAINING:
-            raise WorkerDraining(worker_id)
-        self._check_if_match(worker, if_match)
+            raise errors.WorkerDraining(worker_id)
+        worker.require_version(if_match)
         self._jobs.require_slot()
         self._jobs.cancel_active(worker)
         if worker.status is WorkerStatus.READY:
@@ -238,7 +196,7 @@ class WorkerTable:
         self, worker_id: WorkerId, patch: WorkerPatch, *, if_match: int | None, now: float
     ) -> Worker:
         worker = self._require(worker_id)
-        self._check_if_match(worker, if_match)
+        worker.require_version(if_match)
         spec = patch.apply(worker.spec)
         job = worker.job
         if job is not None and job.active and job.job_type is JobType.REPLACE:
@@ -270,14 +228,14 @@ class WorkerTable:
     def finish_drain(self, worker_id: WorkerId) -> Worker:
         worker = self._require(worker_id)
         if worker.status is not WorkerStatus.DRAINING:
-            raise StaleJob(worker_id, f"worker is {worker.status}, not draining")
+            raise errors.StaleJob(worker_id, f"worker is {worker.status}, not draining")
         self._delete(worker)
         return worker
 
     def retry(self, worker_id: WorkerId, *, now: float) -> Worker:
         worker = self._require(worker_id)
         if worker.status is not WorkerStatus.FAILED:
-            raise WorkerNotFailed(worker_id, worker.status)
+            raise errors.WorkerNotFailed(worker_id, worker.status)
         self._jobs.require_slot()
         self._jobs.cancel_active(worker)
         job = self._jobs.start(worker_id, JobType.RETRY, worker.spec, now)
@@ -287,9 +245,9 @@ class WorkerTable:
         """Re-probe a failed worker in the background, if nothing newer happened to it."""
         worker = self._require(worker_id)
         if worker.status is not WorkerStatus.FAILED or worker.job is None:
-            raise StaleJob(worker_id, f"worker is {worker.status}")
+            raise errors.StaleJob(worker_id, f"worker is {worker.status}")
         if worker.job.job_id != job_id or worker.job.active:
-            raise StaleJob(worker_id, "a newer job took over")
+            raise errors.StaleJob(worker_id, "a newer job took over")
         self._jobs.require_slot()
         job = self._jobs.start(worker_id, JobType.RECHECK, worker.spec, now)
         job = replace(job, message=worker.job.message)
@@ -298,7 +256,7 @@ class WorkerTable:
     def set_health(self, worker_id: WorkerId, healthy: bool, *, now: float) -> Worker:
         worker = self._require(worker_id)
         if worker.status not in (WorkerStatus.READY, WorkerStatus.DRAINING):
-            raise StaleJob(worker_id, f"worker is {worker.status}")
+            raise errors.StaleJob(worker_id, f"worker is {worker.status}")
         if worker.is_healthy == healthy:
             return worker
         return self._put(replace(worker, is_healthy=healthy, updated_at=now))
@@ -315,17 +273,10 @@ class WorkerTable:
     def workers(self) -> Mapping[WorkerId, Worker]:
         return self._workers
 
-    def index_by_key(self) -> dict[str, WorkerId]:
-        return dict(self._indexes.by_key)
-
-    def index_by_model(self) -> dict[str, frozenset[WorkerId]]:
-        return {model: frozenset(ids) for model, ids in self._indexes.by_model.items()}
-
-    def index_by_type(self) -> dict[WorkerType, frozenset[WorkerId]]:
-        return {kind: frozenset(ids) for kind, ids in self._indexes.by_type.items()}
-
-    def index_by_mode(self) -> dict[ConnectionMode, frozenset[WorkerId]]:
-        return {mode: frozenset(ids) for mode, ids in self._indexes.by_mode.items()}
+    @property
+    def indexes(self) -> WorkerIndexes:
+        """The indexes, to read (copies: ``key_index()``, ``model_index()``...)."""
+        return self._indexes
 
     def snapshot(self) -> RegistrySnapshot:
         return self._indexes.snapshot()
@@ -335,12 +286,8 @@ class WorkerTable:
     def _require(self, worker_id: WorkerId) -> Worker:
         worker = self._workers.get(worker_id)
         if worker is None:
-            raise WorkerNotFound(worker_id)
+            raise errors.WorkerNotFound(worker_id)
         return worker
-
-    def _check_if_match(self, worker: Worker, if_match: int | None) -> None:
-        if if_match is not None and if_match != worker.spec_version:
-            raise PreconditionFailed(worker.id, if_match, worker.spec_version)
 
     def _put(self, worker: Worker) -> Worker:
         return self._indexes.put(worker)

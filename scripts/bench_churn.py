@@ -125,11 +125,16 @@ async def main(args: argparse.Namespace) -> int:
             interrupted = True
             raise
         finally:
-            for child in reversed(children):  # the gateway first: it may be probing the workers
-                await child.stop()
-            for child in children if not (ok or interrupted) else []:
-                child.show_log()
+            await stop_children(children, show_logs=not (ok or interrupted))
     return 0 if ok else 1
+
+
+async def stop_children(children: list[Child], *, show_logs: bool) -> None:
+    """Stop the gateway first (it may be probing the workers); show their logs on failure."""
+    for child in reversed(children):
+        await child.stop()
+    for child in children if show_logs else []:
+        child.show_log()
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_churn import ROOT, Child
+from scripts.bench_churn import ROOT, Child, stop_children
 
 MODEL = "fake-model"  # the fake worker's default
 MAX_TOKENS = 10
@@ -147,10 +147,7 @@ async def main(args: argparse.Namespace) -> int:
             interrupted = True
             raise
         finally:
-            for child in reversed(children):  # the gateway first: it may be probing the workers
-                await child.stop()
-            for child in children if not (ok or interrupted) else []:
-                child.show_log()
+            await stop_children(children, show_logs=not (ok or interrupted))
     print(json.dumps(summary(args, runs, ok and not interrupted, load_before)), flush=True)
     return 143 if interrupted else 0 if ok else 1
 

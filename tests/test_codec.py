@@ -23,6 +23,7 @@ from actors.model import (
     WorkerSpec,
     WorkerStatus,
 )
+from actors.persistence import dump_table, restore_table
 from actors.table import WorkerTable
 from actors.urls import parse_worker_url
 
@@ -78,17 +79,17 @@ def populated() -> tuple[WorkerTable, dict[str, str]]:
 
 def test_a_dump_is_plain_json_and_restores_the_same_records_and_indexes() -> None:
     table, ids = populated()
-    data = json.loads(json.dumps(table.dump()))
-    restored = WorkerTable.restore(data, now=10.0)
+    data = json.loads(json.dumps(dump_table(table)))
+    restored = restore_table(data, now=10.0)
     for name in ("ready", "failed"):
         assert restored.get(ids[name]) == table.get(ids[name])
     ready = restored.get(ids["ready"])
     assert ready is not None and ready.spec.api_key == "sk-secret"
-    assert restored.index_by_model() == {
+    assert restored.indexes.model_index() == {
         "m1": frozenset({ids["ready"], ids["replacing"]}),
         "m2": frozenset({ids["ready"], ids["replacing"]}),
     }
-    assert set(restored.index_by_key()) == {
+    assert set(restored.indexes.key_index()) == {
         "ready:8000",
         "failed:8000",
         "pending:8000",
@@ -98,7 +99,7 @@ def test_a_dump_is_plain_json_and_restores_the_same_records_and_indexes() -> Non
 
 def test_work_in_progress_restarts_after_a_restore() -> None:
     table, ids = populated()
-    restored = WorkerTable.restore(table.dump(), now=10.0)
+    restored = restore_table(dump_table(table), now=10.0)
     jobs = started(restored)
     assert set(jobs) == {ids["pending"]}  # its registration is queued again
     assert min(jobs.values()) > max(  # job ids continue, never reused
@@ -114,4 +115,4 @@ def test_work_in_progress_restarts_after_a_restore() -> None:
 
 def test_a_dump_in_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="format"):
-        WorkerTable.restore({"format": 99, "workers": [], "next_job_id": 1}, now=0.0)
+        restore_table({"format": 99, "workers": [], "next_job_id": 1}, now=0.0)

@@ -24,6 +24,7 @@ PURE = [
     "prefix_cache.py",
     "breaker.py",
     "jobs.py",
+    "persistence.py",
 ]
 OPTIONAL_PURE: list[str] = []  # modules checked once they exist
 FORBIDDEN = {"trio", "httpx", "quart", "quart_trio", "hypercorn", "anyio", "outcome"}

@@ -109,10 +109,10 @@ def state(table: WorkerTable) -> tuple[object, ...]:
     return (
         len(table),
         dict(table.workers),
-        table.index_by_key(),
-        table.index_by_model(),
-        table.index_by_type(),
-        table.index_by_mode(),
+        table.indexes.key_index(),
+        table.indexes.model_index(),
+        table.indexes.type_index(),
+        table.indexes.mode_index(),
         snapshot.version,
         dict(snapshot.workers),
         dict(snapshot.by_key),
@@ -133,7 +133,7 @@ def refuse(
 
 
 def models_index(table: WorkerTable) -> dict[str, set[str]]:
-    return {model: set(ids) for model, ids in table.index_by_model().items()}
+    return {model: set(ids) for model, ids in table.indexes.model_index().items()}
 
 
 # ---- create ----------------------------------------------------------------------------------
@@ -160,8 +160,8 @@ def test_create_gives_a_pending_worker_with_a_queued_add_job_and_a_start_job_eff
     ]
     assert table.get(worker.id) == worker
     assert table.snapshot().get(worker.id) == worker
-    assert table.index_by_key() == {"a:1": worker.id}
-    assert table.index_by_model() == {}
+    assert table.indexes.key_index() == {"a:1": worker.id}
+    assert table.indexes.model_index() == {}
 
 
 @pytest.mark.parametrize("second", ["HTTP://A:1/", "http://a:1", "a:1", "grpc://a:1", "A:1"])
@@ -203,7 +203,7 @@ def test_create_with_no_free_job_slot_is_a_503_and_leaves_nothing_behind() -> No
     assert error.code == "REGISTRY_BUSY"
     assert len(table) == 0
     assert table.snapshot().workers == {}
-    assert table.index_by_key() == {}
+    assert table.indexes.key_index() == {}
     worker = run(table, CreateWorker(spec=spec("a:1")), job_slots=1)  # the address is still free
     assert worker.status is WorkerStatus.PENDING
 
@@ -237,7 +237,7 @@ def test_ids_are_never_reused_across_1000_create_and_remove_cycles() -> None:
 
     assert len(seen) == 1000
     assert len(table) == 0
-    assert table.index_by_key() == {}
+    assert table.indexes.key_index() == {}
 
 
 def test_a_table_never_hands_out_a_live_id_twice_even_if_the_id_source_repeats() -> None:
@@ -300,7 +300,7 @@ def test_a_bare_address_shows_the_scheme_detection_chose_and_keeps_its_key() -> 
     worker, job = add(table, "a:1")
     assert worker.url.text == "a:1"
     assert worker.connection_mode is None
-    assert table.index_by_mode() == {}
+    assert table.indexes.mode_index() == {}
 
     ready = run(
         table,
@@ -313,8 +313,8 @@ def test_a_bare_address_shows_the_scheme_detection_chose_and_keeps_its_key() -> 
 
     assert ready.url.text == "grpc://a:1"
     assert ready.key == "a:1"
-    assert table.index_by_key() == {"a:1": worker.id}
-    assert table.index_by_mode() == {ConnectionMode.GRPC: frozenset({worker.id})}
+    assert table.indexes.key_index() == {"a:1": worker.id}
+    assert table.indexes.mode_index() == {ConnectionMode.GRPC: frozenset({worker.id})}
 
 
 def test_mark_failed_makes_a_pending_worker_failed_with_the_reason_and_no_models() -> None:
@@ -327,8 +327,8 @@ def test_mark_failed_makes_a_pending_worker_failed_with_the_reason_and_no_models
     assert not failed.is_routable
     assert failed.job is not None
     assert (failed.job.state, failed.job.message) == (JobState.FAILED, "timed out")
-    assert table.index_by_key() == {"a:1": worker.id}
-    assert table.index_by_model() == {}
+    assert table.indexes.key_index() == {"a:1": worker.id}
+    assert table.indexes.model_index() == {}
 
 
 @pytest.mark.parametrize("result", ["ready", "failed", "attempt"])
@@ -397,7 +397,7 @@ def test_a_put_of_a_ready_worker_keeps_the_old_spec_serving_until_its_detection_
     assert pending_put.job is not None
     assert (pending_put.job.job_type, pending_put.job.state) == (JobType.REPLACE, JobState.QUEUED)
     assert models_index(table) == {"old": {old.id}, "both": {old.id}}
-    assert table.index_by_key() == {"a:1": old.id}
+    assert table.indexes.key_index() == {"a:1": old.id}
 
 
 def test_a_put_swaps_spec_and_models_in_place_when_its_detection_succeeds() -> None:
@@ -408,14 +408,14 @@ def test_a_put_swaps_spec_and_models_in_place_when_its_detection_succeeds() -> N
 
     run(table, ReplaceSpec(worker_id=old.id, spec=new_spec))
     job = only_start(table)
-    observed_keys.append(table.index_by_key())
+    observed_keys.append(table.indexes.key_index())
     run(table, StartAttempt(worker_id=old.id, job_id=job.job_id, attempt=1))
-    observed_keys.append(table.index_by_key())
+    observed_keys.append(table.indexes.key_index())
     swapped = run(
         table,
         MarkReady(worker_id=old.id, job_id=job.job_id, detection=detection("a:1", "both", "new")),
     )
-    observed_keys.append(table.index_by_key())
+    observed_keys.append(table.indexes.key_index())
 
     assert swapped.id == old.id
     assert swapped.status is WorkerStatus.READY
@@ -425,7 +425,7 @@ def test_a_put_swaps_spec_and_models_in_place_when_its_detection_succeeds() -> N
     assert swapped.job is not None
     assert (swapped.job.job_type, swapped.job.state) == (JobType.REPLACE, JobState.SUCCEEDED)
     assert models_index(table) == {"both": {old.id}, "new": {old.id}}
-    assert table.index_by_type() == {WorkerType.PREFILL: frozenset({old.id})}
+    assert table.indexes.type_index() == {WorkerType.PREFILL: frozenset({old.id})}
     assert observed_keys == [{"a:1": old.id}] * 3
     assert table.snapshot().get(old.id) == swapped
     assert len(table) == 1
@@ -542,7 +542,7 @@ def test_a_put_of_a_pending_worker_restarts_its_registration_with_the_new_spec()
         MarkReady(worker_id=worker.id, job_id=add_job.job_id, detection=detection("a:1", "m")),
         StaleJob,
     )
-    assert table.index_by_mode() == {ConnectionMode.GRPC: frozenset({worker.id})}
+    assert table.indexes.mode_index() == {ConnectionMode.GRPC: frozenset({worker.id})}
 
 
 def test_a_put_of_a_failed_worker_registers_it_again_under_the_same_id() -> None:
@@ -708,8 +708,8 @@ def test_delete_of_a_pending_worker_removes_it_at_once_and_cancels_its_registrat
     assert {effect.worker_id for effect in effects} == {worker.id}
     assert table.get(worker.id) is None
     assert table.snapshot().get(worker.id) is None
-    assert table.index_by_key() == {}
-    assert table.index_by_type() == {}
+    assert table.indexes.key_index() == {}
+    assert table.indexes.type_index() == {}
     refuse(
         table,
         MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m")),
@@ -725,7 +725,7 @@ def test_delete_of_a_failed_worker_removes_it_at_once() -> None:
     run(table, BeginDrain(worker_id=failed.id))
 
     assert table.get(failed.id) is None
-    assert table.index_by_key() == {}
+    assert table.indexes.key_index() == {}
     assert CancelJob(worker_id=failed.id, job_id=None) in table.take_effects()
 
 
@@ -742,7 +742,7 @@ def test_delete_of_a_ready_worker_stops_routing_but_keeps_the_address_until_fini
     assert (draining.job.job_type, draining.job.state) == (JobType.REMOVE, JobState.RUNNING)
     assert models_index(table) == {"m": {other.id}}
     assert [w.id for w in table.snapshot().ready_for_model("m")] == [other.id]
-    assert table.index_by_key()["a:1"] == worker.id
+    assert table.indexes.key_index()["a:1"] == worker.id
     assert table.get(worker.id) == draining
     assert not [e for e in table.take_effects() if isinstance(e, StartJob)]
     error = refuse(table, CreateWorker(spec=spec("http://a:1")), WorkerAlreadyExists)
@@ -752,7 +752,7 @@ def test_delete_of_a_ready_worker_stops_routing_but_keeps_the_address_until_fini
 
     assert gone.id == worker.id
     assert table.get(worker.id) is None
-    assert table.index_by_key() == {"b:2": other.id}
+    assert table.indexes.key_index() == {"b:2": other.id}
     assert run(table, CreateWorker(spec=spec("a:1"))).id not in (worker.id, other.id)
 
 
@@ -811,7 +811,7 @@ def test_set_health_of_a_draining_worker_is_recorded_but_it_stays_unrouted() -> 
 
     assert after.status is WorkerStatus.DRAINING
     assert not after.is_healthy
-    assert table.index_by_model() == {}
+    assert table.indexes.model_index() == {}
 
 
 # ---- retry and recheck -----------------------------------------------------------------------

@@ -104,10 +104,10 @@ class TableMachine(RuleBasedStateMachine):
         return (
             self.table.snapshot().version,
             dict(self.table.workers),
-            self.table.index_by_key(),
-            self.table.index_by_model(),
-            self.table.index_by_type(),
-            self.table.index_by_mode(),
+            self.table.indexes.key_index(),
+            self.table.indexes.model_index(),
+            self.table.indexes.type_index(),
+            self.table.indexes.mode_index(),
         )
 
     def apply(
@@ -172,7 +172,7 @@ class TableMachine(RuleBasedStateMachine):
     ) -> None:
         spec = _spec(url, model_id=model_id, worker_type=worker_type)
         job_slots = self.slots(data)
-        existing = self.table.index_by_key().get(spec.url.key)
+        existing = self.table.indexes.key_index().get(spec.url.key)
         problems: set[type[GatewayError]] = set()
         if existing is not None:
             problems.add(WorkerAlreadyExists)
@@ -533,11 +533,11 @@ class TableMachine(RuleBasedStateMachine):
     @invariant()
     def every_indexed_id_is_a_live_worker(self) -> None:
         live = set(self.table.workers)
-        indexed: set[str] = set(self.table.index_by_key().values())
+        indexed: set[str] = set(self.table.indexes.key_index().values())
         for index in (
-            self.table.index_by_model(),
-            self.table.index_by_type(),
-            self.table.index_by_mode(),
+            self.table.indexes.model_index(),
+            self.table.indexes.type_index(),
+            self.table.indexes.mode_index(),
         ):
             for ids in index.values():
                 assert ids, "an index keeps an empty entry"
@@ -546,7 +546,7 @@ class TableMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_address_key_maps_to_exactly_one_live_worker(self) -> None:
-        by_key = self.table.index_by_key()
+        by_key = self.table.indexes.key_index()
         workers = self.table.workers
         assert len(by_key) == len(workers)
         for key, worker_id in by_key.items():
@@ -562,7 +562,7 @@ class TableMachine(RuleBasedStateMachine):
             if worker.status is WorkerStatus.READY:
                 for model in worker.model_ids:
                     expected.setdefault(model, set()).add(worker.id)
-        actual = {model: set(ids) for model, ids in self.table.index_by_model().items()}
+        actual = {model: set(ids) for model, ids in self.table.indexes.model_index().items()}
         assert actual == expected
 
     @invariant()
@@ -573,8 +573,8 @@ class TableMachine(RuleBasedStateMachine):
             by_type.setdefault(worker.spec.worker_type, set()).add(worker.id)
             if worker.connection_mode is not None:
                 by_mode.setdefault(worker.connection_mode, set()).add(worker.id)
-        assert {k: set(v) for k, v in self.table.index_by_type().items()} == by_type
-        assert {k: set(v) for k, v in self.table.index_by_mode().items()} == by_mode
+        assert {k: set(v) for k, v in self.table.indexes.type_index().items()} == by_type
+        assert {k: set(v) for k, v in self.table.indexes.mode_index().items()} == by_mode
 
     @invariant()
     def no_id_is_reused_and_every_live_id_was_handed_out_by_a_create(self) -> None:
@@ -596,9 +596,9 @@ class TableMachine(RuleBasedStateMachine):
     def the_snapshot_equals_the_table(self) -> None:
         snapshot = self.table.snapshot()
         assert dict(snapshot.workers) == dict(self.table.workers)
-        assert dict(snapshot.by_key) == self.table.index_by_key()
+        assert dict(snapshot.by_key) == self.table.indexes.key_index()
         assert {model: set(ids) for model, ids in snapshot.by_model.items()} == {
-            model: set(ids) for model, ids in self.table.index_by_model().items()
+            model: set(ids) for model, ids in self.table.indexes.model_index().items()
         }
         for ids in snapshot.by_model.values():
             assert len(ids) == len(set(ids))
