@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import secrets
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 from actors.model import WorkerSpec
@@ -26,6 +27,14 @@ class GatewayConfig:
     retries: int = 2  # a failed proxied request is retried on up to this many other workers
     breaker_failures: int = 5  # consecutive proxy failures that open a worker's breaker
     breaker_cooldown_secs: float = 10.0  # then one probe request is let through
+    upstream_connect_timeout_secs: float = 5.0  # connecting to a worker (TCP and TLS)
+    upstream_read_timeout_secs: float = 300.0  # a worker's response head, and each body gap
+    # networks a worker address may lie in although the address rules refuse them by default
+    # (link-local, cloud metadata, ...): CIDR strings such as "169.254.10.0/24"
+    allowed_networks: tuple[str, ...] = ()
+    # names this gateway in loop detection (the x-tmg-gateway answer header and the x-tmg-via
+    # hop header); random per gateway
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
         for name in ("registration_concurrency", "registration_queue_size", "inbox_size"):

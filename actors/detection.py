@@ -50,8 +50,9 @@ class Probe(Protocol):
 class Detector:
     """Probes workers with one shared httpx client (control plane only, never the hot path)."""
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, *, instance_id: str | None = None) -> None:
         self._client = client
+        self._instance_id = instance_id  # this gateway's: a worker answering with it is a loop
 
     async def detect(self, spec: WorkerSpec) -> Detection:
         """Probe ``spec``'s worker once. The caller bounds the time (``trio.fail_after``)."""

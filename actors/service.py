@@ -40,7 +40,7 @@ from actors.registry import Job, run_registry
 from actors.routing import Router
 from actors.snapshot import RegistrySnapshot
 from actors.table import WorkerTable
-from actors.upstream import UpstreamPool
+from actors.upstream import UpstreamLimits, UpstreamPool
 
 log = logging.getLogger("tmg.gateway")
 T = TypeVar("T")
@@ -263,7 +263,11 @@ async def open_gateway(
         timeout=httpx.Timeout(None),  # every probe is bounded by the caller's cancel scope
         limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=5.0),
     )
-    async with client, UpstreamPool() as pool, trio.open_nursery() as nursery:
+    limits = UpstreamLimits(
+        connect_timeout=config.upstream_connect_timeout_secs,
+        read_timeout=config.upstream_read_timeout_secs,
+    )
+    async with client, UpstreamPool(limits) as pool, trio.open_nursery() as nursery:
         inbox_send, inbox_receive = trio.open_memory_channel[Envelope[Any]](config.inbox_size)
         jobs_send, jobs_receive = trio.open_memory_channel[Job](config.registration_queue_size)
         gateway = Gateway(config, inbox_send, nursery, InFlight(), pool)
@@ -280,7 +284,7 @@ async def open_gateway(
                 clock=clock,
             )
         )
-        probe = detector or Detector(client)
+        probe = detector or Detector(client, instance_id=config.instance_id)
         record = gateway.metrics.registration_jobs_outcome
         await nursery.start(
             partial(run_registrar, jobs_receive, inbox_send, probe, config=config, record=record)

@@ -86,6 +86,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="default re-probe interval of a failed worker (0: off)",
     )
     add("--drain-timeout-secs", type=float, default=30.0, help="default per worker")
+    add(
+        "--upstream-connect-timeout-secs",
+        type=float,
+        default=5.0,
+        help="time to connect to a worker before trying another",
+    )
+    add(
+        "--upstream-read-timeout-secs",
+        type=float,
+        default=300.0,
+        help="time a worker may take to start its answer, and between two pieces of a stream",
+    )
+    add(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="allow worker addresses in this network although the address rules refuse it "
+        "(link-local, metadata, ...); repeatable",
+    )
     add("--state", default=":memory:", help="durable registry file (:memory: keeps none)")
     add(
         "--config",
@@ -124,11 +144,39 @@ def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
             data = tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as error:
         parser.error(f"--config {path}: {error}")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(data) - known - {"help", "config"})
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(set(data) - set(actions) - {"help", "config"})
     if unknown:
         parser.error(f"--config {path}: unknown keys {', '.join(unknown)}")
+    problems = [
+        problem
+        for key, value in data.items()
+        if (problem := _config_value_problem(key, value, actions[key])) is not None
+    ]
+    if problems:
+        parser.error(f"--config {path}: {'; '.join(problems)}")
     return data
+
+
+def _config_value_problem(key: str, value: object, action: argparse.Action) -> str | None:
+    """Why a TOML value cannot stand for this option, or None: the same types the flag takes."""
+    if isinstance(action, argparse._AppendAction):
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return f"{key} must be a list of strings, such as {key} = [\"...\"]"
+        return None
+    if isinstance(action, argparse._StoreTrueAction):
+        return None if isinstance(value, bool) else f"{key} must be true or false"
+    if action.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok else f"{key} must be an integer"
+    if action.type is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else f"{key} must be a number"
+    if not isinstance(value, str):
+        return f"{key} must be a string"
+    if action.choices is not None and value not in action.choices:
+        return f"{key} must be one of {', '.join(map(str, action.choices))}"
+    return None
 
 
 def _check(args: argparse.Namespace) -> list[str]:
@@ -178,6 +226,9 @@ def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
         "drain_timeout_secs": args.drain_timeout_secs,
         "policy": args.policy,
         "retries": args.retries,
+        "upstream_connect_timeout_secs": args.upstream_connect_timeout_secs,
+        "upstream_read_timeout_secs": args.upstream_read_timeout_secs,
+        "allowed_networks": tuple(args.allow_network),
     }
 
 

@@ -130,3 +130,40 @@ async def test_tmg_serve_registers_its_worker_urls_and_stops_cleanly_on_sigterm(
     assert health.text == "OK"
     assert [w["url"].rsplit(":", 1)[1] for w in listing["workers"]] == [str(worker.port)]
     assert code == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "complaint"),
+    [
+        ('worker_url = "127.0.0.1:8000"', "worker_url must be a list of strings"),
+        ('port = "30000"', "port must be an integer"),
+        ("port = true", "port must be an integer"),
+        ('drain_timeout_secs = "5"', "drain_timeout_secs must be a number"),
+        ('allow_unauthenticated_admin = "yes"', "allow_unauthenticated_admin must be true or"),
+        ('policy = "fastest"', "policy must be one of round_robin"),
+        ("host = 127", "host must be a string"),
+    ],
+)
+def test_a_config_value_of_the_wrong_type_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, complaint: str
+) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["serve", "--config", str(config)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert complaint in err
+    assert err.count(";") == 0  # one problem, not one per character
+
+
+def test_config_values_of_the_right_type_are_taken(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        'worker_url = ["127.0.0.1:8000"]\nport = 31000\ndrain_timeout_secs = 5\n'
+        "upstream_read_timeout_secs = 12.5\nallow_network = [\"169.254.10.0/24\"]\n"
+    )
+    args = parse_args(["serve", "--config", str(config)])
+    assert args.worker_url == ["127.0.0.1:8000"]
+    assert (args.port, args.drain_timeout_secs, args.upstream_read_timeout_secs) == (31000, 5, 12.5)
+    assert args.allow_network == ["169.254.10.0/24"]
