@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from actors.addresses import check_worker_address, parse_networks
 from actors.model import WorkerSpec
 
 T = TypeVar("T")
@@ -44,6 +45,11 @@ class GatewayConfig:
             raise ValueError("max_connection_attempts must be at least 1")
         if self.retries < 0 or self.breaker_failures < 1:
             raise ValueError("retries must be at least 0 and breaker_failures at least 1")
+        parse_networks(self.allowed_networks)
+
+    def check_address(self, spec: WorkerSpec) -> None:
+        """InvalidInput when the spec's address is one this gateway must not probe."""
+        check_worker_address(spec.url, self.allowed_networks)
 
     def resolve(self, spec: WorkerSpec) -> WorkerSpec:
         """The spec with every unset timing field taken from these defaults."""

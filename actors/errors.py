@@ -36,7 +36,9 @@ class GatewayError(Exception):
         self.context = context
 
 
-class InvalidInput(GatewayError):
+class InvalidInput(GatewayError, ValueError):
+    """Also a ValueError: a library caller's ``except ValueError`` catches a bad value."""
+
     code = "BAD_REQUEST"
     status = 400
 

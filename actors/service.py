@@ -121,12 +121,14 @@ class Gateway:
 
     async def add_worker(self, spec: WorkerSpec) -> Worker:
         """Register a worker: it exists (``pending``) under its final id when this returns."""
+        self.config.check_address(spec)
         return await self._ask(CreateWorker(spec=self.config.resolve(spec)))
 
     async def replace_worker(
         self, worker_id: WorkerId, spec: WorkerSpec, *, if_match: int | None = None
     ) -> Worker:
         """PUT: re-detect with ``spec`` while the current spec keeps serving, then swap."""
+        self.config.check_address(spec)
         message = ReplaceSpec(
             worker_id=worker_id, spec=self.config.resolve(spec), if_match=if_match
         )
