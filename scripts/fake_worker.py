@@ -240,7 +240,7 @@ async def serve_fake_workers(
 
 
 def parse_ports(spec: str, count: int | None = None) -> list[int]:
-    """``41000-41009``, ``41000,41005-41006`` or ``0``; ``count`` repeats ``0`` N times."""
+    """``21000-21009``, ``21000,21005-21006`` or ``0``; ``count`` repeats ``0`` N times."""
     ports: list[int] = []
     for part in spec.split(","):
         lo, dash, hi = part.strip().partition("-")
@@ -274,7 +274,11 @@ async def _run(ports: list[int], config: FakeWorkerConfig, log: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Fake SGLang/vLLM/gRPC workers, one per port.")
-    p.add_argument("--ports", default="0", help="41000-41009, a comma list, or 0 (default)")
+    p.add_argument(
+        "--ports",
+        default="0",
+        help="21000-21009 (below the ephemeral range), a comma list, or 0 (default)",
+    )
     p.add_argument("--count", type=int, help="serve N OS-chosen ports (with --ports 0)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--model", default="fake-model")
