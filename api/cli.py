@@ -55,6 +55,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="HTTP server: http1 (built for the proxy's hot path) or hypercorn",
     )
     add(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="http1 server: client connections held at once (default: from the open-file limit; "
+        "when full the oldest idle one is closed)",
+    )
+    add(
+        "--write-timeout-secs",
+        type=float,
+        default=30.0,
+        help="http1 server: a client that reads nothing of its answer for this long is dropped",
+    )
+    add(
         "--retries",
         type=int,
         default=2,
@@ -185,15 +198,16 @@ def _check(args: argparse.Namespace) -> list[str]:
         problems.append(f"--port {args.port} is outside 0..65535")
     if args.state != ":memory:":
         problems.append("--state: only :memory: is supported in this version")
-    for url in args.worker_url:
-        try:
-            parse_worker_url(url)
-        except GatewayError as error:
-            problems.append(f"--worker-url {error.message}")
     try:
-        GatewayConfig(**_config_fields(args))
+        config = GatewayConfig(**_config_fields(args))
     except ValueError as error:
         problems.append(str(error))
+        config = GatewayConfig()
+    for url in args.worker_url:
+        try:
+            config.check_address(WorkerSpec(url=parse_worker_url(url)))
+        except GatewayError as error:
+            problems.append(f"--worker-url {error.message}")
     if (
         not _is_loopback(args.host)
         and not args.admin_api_key
@@ -270,6 +284,8 @@ async def serve_main(args: argparse.Namespace) -> None:
                     admin_api_key=args.admin_api_key,
                     graceful_timeout=args.shutdown_grace_secs,
                     server=args.server,
+                    max_connections=args.max_connections,
+                    write_timeout=args.write_timeout_secs,
                 )
             )
             auth = "admin key required" if args.admin_api_key else "no admin key"

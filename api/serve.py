@@ -28,15 +28,23 @@ async def serve_api(
     admin_api_key: str | None = None,
     graceful_timeout: float = 5.0,
     server: str = "http1",
+    max_connections: int | None = None,
+    write_timeout: float = 30.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or forever). ``nursery.start`` gets the list of
-    bound URLs, e.g. ``["http://127.0.0.1:41234"]`` for ``bind="127.0.0.1:0"``."""
+    bound URLs, e.g. ``["http://127.0.0.1:41234"]`` for ``bind="127.0.0.1:0"``.
+    ``max_connections`` (None: derived from the open-file limit) and ``write_timeout`` apply to
+    the http1 server only."""
     quart = create_app(gateway, admin_api_key=admin_api_key)
     app = inference_app(gateway, quart)  # type: ignore[arg-type]
     if server == "http1":
         host, _, port = bind.rpartition(":")
-        limits = ServerLimits(graceful_timeout=graceful_timeout)
+        limits = ServerLimits(
+            graceful_timeout=graceful_timeout,
+            max_connections=max_connections,
+            write_timeout=write_timeout,
+        )
         await serve_http1(
             app,  # type: ignore[arg-type]
             host=host.strip("[]"),

@@ -14,7 +14,9 @@ per request (at 32 connections, and by connection count). Both processes are sto
 shown only when something failed.
 
     .venv/bin/python scripts/bench_inference.py [--duration 5] [--connections 1,32,128]
-        [--only gateway|direct]
+        [--only gateway|direct] [--server http1|hypercorn]
+
+``--server`` is passed to the gateway process (``tmg serve --server``): compare the servers.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ def summary(args: argparse.Namespace, runs: dict[Key, dict[str, Any]], ok: bool,
         "benchmark": "inference_summary",
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
         "cores": os.cpu_count(),
+        "server": args.server,
         "seconds_per_run": args.duration,
         **modes,
         "all_runs_ok": ok,
@@ -124,7 +127,8 @@ def summary(args: argparse.Namespace, runs: dict[Key, dict[str, Any]], ok: bool,
 
 async def main(args: argparse.Namespace) -> int:
     fake = [sys.executable, "scripts/fake_worker.py", "--count", "2", "--model", MODEL]
-    serve = [sys.executable, "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning"]
+    serve = [sys.executable, "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning",
+             "--server", args.server]  # fmt: skip
     targets = [t for t in ("direct", "gateway") if args.only in (None, t)]
     load_before = tuple(round(x, 2) for x in os.getloadavg())
     runs: dict[Key, dict[str, Any]] = {}
@@ -202,6 +206,7 @@ def parse_args() -> argparse.Namespace:
     add("--warmup", type=float, default=1.0, help="seconds before each run's measurement")
     add("--connections", default="1,32,128", help="comma list of connection counts")
     add("--only", choices=("gateway", "direct"), default=None, help="run one target only")
+    add("--server", choices=("http1", "hypercorn"), default="http1", help="the gateway's server")
     args = parser.parse_args()
     try:
         args.connections = [int(n) for n in args.connections.split(",")]
