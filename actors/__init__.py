@@ -19,6 +19,7 @@ from actors.errors import (
     WorkerNotFound,
 )
 from actors.model import (
+    SPEC_FIELDS,
     HealthConfig,
     JobState,
     JobType,
@@ -33,9 +34,14 @@ from actors.service import Gateway, open_gateway
 from actors.urls import WorkerUrl, parse_worker_url
 
 
-def worker_spec(url: str, **fields: object) -> WorkerSpec:
-    """Build a WorkerSpec from a URL string: ``worker_spec("127.0.0.1:8000", priority=10)``."""
-    return WorkerSpec(url=parse_worker_url(url), **fields)  # type: ignore[arg-type]
+def worker_spec(url: str | WorkerUrl, **fields: object) -> WorkerSpec:
+    """Build a WorkerSpec from a URL string: ``worker_spec("127.0.0.1:8000", priority=10)``.
+    Checked like a POST /workers body: InvalidInput names the first bad (or unknown) field."""
+    for name in fields:
+        if name not in SPEC_FIELDS:
+            known = ", ".join(sorted(SPEC_FIELDS))
+            raise InvalidInput(name, f"unknown field (accepted: {known})")
+    return WorkerSpec(url=url, **fields)  # type: ignore[arg-type]
 
 
 __all__ = [

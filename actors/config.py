@@ -1,15 +1,25 @@
-"""GatewayConfig: the gateway's own settings and the defaults workers inherit (pure)."""
+"""GatewayConfig: the gateway's own settings and the defaults workers inherit (pure).
+
+A GatewayConfig checks itself when constructed (``actors/validation.py``'s rules: the defaults
+workers inherit follow exactly the rules of the same fields of a WorkerSpec); a bad value raises
+InvalidInput, a ValueError, naming the field.
+"""
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
+from actors import validation as check
 from actors.addresses import check_worker_address, parse_networks
+from actors.errors import InvalidInput
 from actors.model import WorkerSpec
+from actors.routing import POLICIES
 
 T = TypeVar("T")
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -38,21 +48,24 @@ class GatewayConfig:
     instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
-        for name in ("registration_concurrency", "registration_queue_size", "inbox_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_connection_attempts < 1:
-            raise ValueError("max_connection_attempts must be at least 1")
-        if self.retries < 0 or self.breaker_failures < 1:
-            raise ValueError("retries must be at least 0 and breaker_failures at least 1")
+        check.check_attributes(self, "", CONFIG_FIELDS)
+        if self.backoff_max_secs < self.backoff_initial_secs:
+            raise InvalidInput(
+                "backoff_max_secs",
+                f"must be at least backoff_initial_secs ({self.backoff_initial_secs:g}), "
+                f"not {self.backoff_max_secs:g}",
+            )
         parse_networks(self.allowed_networks)
 
     def check_address(self, spec: WorkerSpec) -> None:
-        """InvalidInput when the spec's address is one this gateway must not probe."""
+        """InvalidInput when ``spec`` is not a WorkerSpec, or its address is one this gateway
+        must not probe."""
+        _require_spec(spec)
         check_worker_address(spec.url, self.allowed_networks)
 
     def resolve(self, spec: WorkerSpec) -> WorkerSpec:
         """The spec with every unset timing field taken from these defaults."""
+        _require_spec(spec)
         if None not in (
             spec.max_connection_attempts,
             spec.registration_timeout_secs,
@@ -74,7 +87,39 @@ class GatewayConfig:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.backoff_initial_secs * 2 ** (attempt - 1), self.backoff_max_secs))
+        doublings = min(max(attempt - 1, 0), 64)  # 2**1024 would not fit in a float
+        return float(min(self.backoff_initial_secs * 2.0**doublings, self.backoff_max_secs))
+
+
+def _instance_id(field: str, value: object) -> str:
+    """Sent in the x-tmg-via hop header and the x-tmg-gateway answer header: a short token."""
+    text = check.text(field, value)
+    if not _INSTANCE_ID.fullmatch(text):
+        raise InvalidInput(field, "must be 1 to 64 ASCII letters, digits, '.', '_' or '-'")
+    return text
+
+
+CONFIG_FIELDS: dict[str, check.Checker] = {
+    "registration_concurrency": check.integer(1, 10_000),
+    "registration_queue_size": check.integer(1, 1_000_000),
+    "inbox_size": check.integer(1, 1_000_000),
+    **check.WORKER_DEFAULTS,  # exactly the rules of the same WorkerSpec fields
+    "backoff_initial_secs": check.seconds(check.MIN_BACKOFF_SECS),
+    "backoff_max_secs": check.seconds(check.MIN_BACKOFF_SECS),
+    "ask_timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
+    "policy": check.one_of(POLICIES),
+    "retries": check.integer(0, 100),
+    "breaker_failures": check.integer(1, 1_000_000),
+    "breaker_cooldown_secs": check.seconds(check.MIN_TIMEOUT_SECS),
+    "upstream_connect_timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
+    "upstream_read_timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
+    "allowed_networks": check.string_list,
+    "instance_id": _instance_id,
+}
+
+
+def _require_spec(spec: object) -> None:
+    check.require_instance("spec", spec, WorkerSpec, "build one with worker_spec(url, ...)")
 
 
 def _pick(value: T | None, default: T) -> T:

@@ -3,6 +3,12 @@
 A ``WorkerSpec`` is what an operator asked for; a ``Worker`` is the registry's record of it: the
 spec, what detection found, the lifecycle status and the status of the job working on it.
 Mappings held by these values are never mutated after construction: changes make new values.
+
+The values a caller builds (``WorkerSpec``, ``HealthConfig``, ``WorkerPatch``) check themselves
+when constructed, with the rules of ``actors/validation.py`` that the HTTP API uses too: a string
+URL is parsed, an enum field takes its string value, a bad value raises ``InvalidInput`` naming
+the field. So an actor only ever sees a valid spec. ``SPEC_FIELDS``, ``HEALTH_FIELDS`` and
+``PATCH_FIELDS`` are those rules, one checker per field.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from actors.errors import PreconditionFailed
-from actors.urls import WorkerUrl
+from actors import validation as check
+from actors.errors import InvalidInput, PreconditionFailed
+from actors.urls import WorkerUrl, parse_worker_url
 
 WorkerId = str
 
@@ -68,10 +75,45 @@ class HealthConfig:
     disable: bool = False
     drain_settle_secs: float = 0.0
 
+    def __post_init__(self) -> None:
+        # always named as the ``health`` of a spec or patch: the same name the API gives it
+        check.check_attributes(self, "health", HEALTH_FIELDS)
+
+
+HEALTH_FIELDS: dict[str, check.Checker] = {
+    "timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
+    "check_interval_secs": check.seconds(check.MIN_CHECK_INTERVAL_SECS),
+    "failure_threshold": check.integer(1, check.MAX_THRESHOLD),
+    "success_threshold": check.integer(1, check.MAX_THRESHOLD),
+    "disable": check.boolean,
+    "drain_settle_secs": check.seconds(0),
+}
+
+
+def _health(field: str, value: object) -> HealthConfig:
+    """A HealthConfig, or a mapping of its fields (unknown names refused; null: the default)."""
+    if isinstance(value, HealthConfig):
+        return value
+    return HealthConfig(**check.check_mapping(field, value, HEALTH_FIELDS))
+
+
+def _url(field: str, value: object) -> WorkerUrl:
+    """A URL string is parsed; a WorkerUrl is parsed again from its text, so one built by hand
+    is canonical (or refused) too."""
+    if isinstance(value, WorkerUrl):
+        if not isinstance(value.scheme, str | None) or not isinstance(value.host, str):
+            raise InvalidInput(field, "must have a string host (build it with parse_worker_url)")
+        return parse_worker_url(value.text)
+    return parse_worker_url(check.text(field, value))
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerSpec:
-    """What an operator asks for. ``None`` timing fields take the gateway's defaults."""
+    """What an operator asks for. ``None`` timing fields take the gateway's defaults.
+
+    ``url`` may be given as a string (``WorkerSpec(url="127.0.0.1:8000")``): it is parsed and the
+    WorkerUrl kept. Enum fields take their string values; ``health`` may be a mapping.
+    """
 
     url: WorkerUrl
     model_id: str | None = None
@@ -88,16 +130,45 @@ class WorkerSpec:
     recheck_interval_secs: float | None = None
     drain_timeout_secs: float | None = None
 
+    def __post_init__(self) -> None:
+        check.check_attributes(self, "", SPEC_FIELDS)
+        if self.bootstrap_port is not None and self.worker_type is not WorkerType.PREFILL:
+            raise InvalidInput("bootstrap_port", "is only accepted with worker_type prefill")
+
+
+SPEC_FIELDS: dict[str, check.Checker] = {
+    "url": _url,
+    "model_id": check.optional(check.text),
+    "worker_type": check.choice(WorkerType),
+    "bootstrap_port": check.optional(check.integer(1, 65535)),
+    "runtime": check.optional(check.choice(Runtime)),
+    "priority": check.integer(0, 100),
+    "cost": check.number(0, above=True),
+    "labels": check.labels,
+    "api_key": check.optional(check.secret_token),
+    "health": _health,
+    # None: the gateway's default (GatewayConfig checks those with the same rules)
+    **{name: check.optional(rule) for name, rule in check.WORKER_DEFAULTS.items()},
+}
+
+
+def _health_changes(field: str, value: object) -> dict[str, Any]:
+    return check.check_mapping(field, value, HEALTH_FIELDS)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerPatch:
-    """A PATCH: only the fields that are not None change. A label set to None is removed."""
+    """A PATCH: only the fields that are not None change. A label set to None is removed.
+    ``health`` maps HealthConfig field names to new values (unknown names are refused)."""
 
     priority: int | None = None
     cost: float | None = None
     labels: Mapping[str, str | None] | None = None
     api_key: str | None = field(default=None, repr=False)
     health: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        check.check_attributes(self, "", PATCH_FIELDS)
 
     def apply(self, spec: WorkerSpec) -> WorkerSpec:
         changes: dict[str, Any] = {}
@@ -118,6 +189,18 @@ class WorkerPatch:
         if self.health is not None:
             changes["health"] = replace(spec.health, **self.health)
         return replace(spec, **changes)
+
+
+PATCH_FIELDS: dict[str, check.Checker] = {
+    name: check.optional(checker)
+    for name, checker in {
+        "priority": SPEC_FIELDS["priority"],
+        "cost": SPEC_FIELDS["cost"],
+        "labels": check.patch_labels,
+        "api_key": check.secret_token,
+        "health": _health_changes,
+    }.items()
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

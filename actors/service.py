@@ -41,6 +41,7 @@ from actors.routing import Router
 from actors.snapshot import RegistrySnapshot
 from actors.table import WorkerTable
 from actors.upstream import UpstreamLimits, UpstreamPool
+from actors.validation import require_instance, require_worker_id
 
 log = logging.getLogger("tmg.gateway")
 T = TypeVar("T")
@@ -128,6 +129,7 @@ class Gateway:
         self, worker_id: WorkerId, spec: WorkerSpec, *, if_match: int | None = None
     ) -> Worker:
         """PUT: re-detect with ``spec`` while the current spec keeps serving, then swap."""
+        require_worker_id(worker_id)
         self.config.check_address(spec)
         message = ReplaceSpec(
             worker_id=worker_id, spec=self.config.resolve(spec), if_match=if_match
@@ -138,14 +140,18 @@ class Gateway:
         self, worker_id: WorkerId, patch: WorkerPatch, *, if_match: int | None = None
     ) -> Worker:
         """PATCH: applied before this returns."""
+        require_worker_id(worker_id)
+        require_instance("patch", patch, WorkerPatch)
         return await self._ask(UpdateSpec(worker_id=worker_id, patch=patch, if_match=if_match))
 
     async def retry_worker(self, worker_id: WorkerId) -> Worker:
+        require_worker_id(worker_id)
         return await self._ask(RetryWorker(worker_id=worker_id))
 
     async def remove_worker(self, worker_id: WorkerId) -> Worker:
         """DELETE: a pending or failed worker is gone when this returns; a ready one drains
         (no new requests) and is removed once idle or after its drain timeout."""
+        require_worker_id(worker_id)
         worker = await self._ask(BeginDrain(worker_id=worker_id))
         # an idle worker is gone already (the registry removed it in the same step)
         if self._snapshot.get(worker_id) is not None and worker_id not in self._draining:

@@ -14,9 +14,10 @@ import pytest
 import trio
 from openapi_spec_validator import validate
 
+from actors.errors import InvalidInput
 from actors.service import Gateway
 from api.openapi_schemas import SCHEMAS
-from api.schemas import _PATCH_FIELDS, _SPEC_FIELDS
+from api.schemas import MAX_JSON_DEPTH, PATCH_FIELDS, SPEC_FIELDS, json_depth, load_json_object
 from api.serve import serve_api
 from tests.conftest import StartWorkers
 
@@ -108,6 +109,108 @@ CASES: list[tuple[str, str, Any, dict[str, str], int, str]] = [
     ("PATCH", f"/workers/{ID}", {"labels": {"k": 5}}, J, 400, "labels.k"),
     ("PUT", f"/workers/{ID}", {"priority": 1}, J, 400, "url"),
     ("DELETE", "/workers", None, {}, 405, "not allowed"),
+    # intervals and timeouts below their minimums would be busy loops (README "Limits")
+    (
+        "POST",
+        "/workers",
+        {"url": "a:1", "health": {"check_interval_secs": 1e-9}},
+        J,
+        400,
+        "health.check_interval_secs",
+    ),
+    (
+        "POST",
+        "/workers",
+        {"url": "a:1", "health": {"timeout_secs": 1e-9}},
+        J,
+        400,
+        "health.timeout_secs",
+    ),
+    (
+        "POST",
+        "/workers",
+        {"url": "a:1", "recheck_interval_secs": 1e-9},
+        J,
+        400,
+        "recheck_interval_secs",
+    ),
+    ("POST", "/workers", {"url": "a:1", "recheck_interval_secs": 0.5}, J, 400, "0 (off)"),
+    (
+        "POST",
+        "/workers",
+        {"url": "a:1", "registration_timeout_secs": 1e-9},
+        J,
+        400,
+        "registration_timeout_secs",
+    ),
+    ("POST", "/workers", {"url": "a:1", "drain_timeout_secs": 1e10}, J, 400, "drain_timeout_secs"),
+    (
+        "POST",
+        "/workers",
+        {"url": "a:1", "max_connection_attempts": 10**6},
+        J,
+        400,
+        "max_connection_attempts",
+    ),
+    (
+        "PATCH",
+        f"/workers/{ID}",
+        {"health": {"check_interval_secs": 0.01}},
+        J,
+        400,
+        "health.check_interval_secs",
+    ),
+    ("PATCH", f"/workers/{ID}", {"health": {"bogus": 1}}, J, 400, "health.bogus"),
+    # a key that cannot be sent as a header (it used to crash the registrar)
+    ("POST", "/workers", {"url": "a:1", "api_key": "ключ"}, J, 400, "api_key"),
+    ("POST", "/workers", {"url": "a:1", "api_key": "a\r\nX: 1"}, J, 400, "api_key"),
+    ("PATCH", f"/workers/{ID}", {"api_key": "two words"}, J, 400, "api_key"),
+    # numbers the JSON decoder or a float cannot hold
+    (
+        "POST",
+        "/workers",
+        '{"url": "a:1", "priority": ' + "9" * 5000 + "}",
+        J,
+        400,
+        "too many digits",
+    ),
+    ("POST", "/workers", '{"url": "a:1", "cost": ' + "9" * 400 + "}", J, 400, "too many digits"),
+    ("POST", "/workers", '{"url": "a:1", "cost": ' + "9" * 40 + "}", J, 400, "cost"),
+    ("POST", "/workers", '{"url": "a:1", "cost": 1e400}', J, 400, "cost"),
+    # nesting beyond MAX_JSON_DEPTH
+    (
+        "POST",
+        "/workers",
+        '{"url": "a:1", "labels": ' + "[" * 1000 + "]" * 1000 + "}",
+        J,
+        400,
+        "nested too deeply",
+    ),
+    ("POST", "/workers", "[" * 100_000 + "]" * 100_000, J, 400, "nested too deeply"),
+    (
+        "PUT",
+        f"/workers/{ID}",
+        '{"url": "a:1", "labels": ' + "[" * 1000 + "]" * 1000 + "}",
+        J,
+        400,
+        "nested too deeply",
+    ),
+    (
+        "PATCH",
+        f"/workers/{ID}",
+        '{"labels": ' + '{"a": ' * 5000 + "1" + "}" * 5001,
+        J,
+        400,
+        "nested too deeply",
+    ),
+    (
+        "PATCH",
+        f"/workers/{ID}",
+        '{"labels": ' + "[" * 32 + "]" * 32 + "}",
+        J,
+        400,
+        "nested too deeply",
+    ),
 ]
 
 
@@ -275,5 +378,51 @@ async def test_the_openapi_description_is_valid_and_describes_real_answers(
 
 
 def test_the_openapi_schemas_name_exactly_the_fields_the_parser_accepts() -> None:
-    assert set(SCHEMAS["WorkerSpec"]["properties"]) == set(_SPEC_FIELDS)
-    assert set(SCHEMAS["WorkerPatch"]["properties"]) == set(_PATCH_FIELDS)
+    assert set(SCHEMAS["WorkerSpec"]["properties"]) == set(SPEC_FIELDS)
+    assert set(SCHEMAS["WorkerPatch"]["properties"]) == set(PATCH_FIELDS)
+
+
+def nested(depth: int) -> str:
+    """A JSON object ``depth`` levels deep (the top object is level 1)."""
+    return '{"a": ' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+def test_a_body_nested_to_the_limit_is_parsed_and_one_level_more_is_refused() -> None:
+    assert json_depth(load_json_object(nested(MAX_JSON_DEPTH))) == MAX_JSON_DEPTH
+    with pytest.raises(InvalidInput) as caught:
+        load_json_object(nested(MAX_JSON_DEPTH + 1))
+    assert (
+        caught.value.message == f"the body is nested too deeply (at most {MAX_JSON_DEPTH} levels)"
+    )
+
+
+def test_the_depth_of_a_json_value_is_counted_without_recursion() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):  # far beyond the interpreter's recursion limit
+        deep = [deep]
+
+    assert json_depth(deep) == 100_001
+    assert json_depth({"a": [1, {"b": []}], "c": 2}) == 4
+    assert json_depth(5) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"priority": ' + "9" * 5000 + "}",
+        '{"cost": -' + "1" * 5000 + ".5}",
+        "[" * 100_000,
+        b'{"url": "\xff"}',  # not UTF-8
+        b"\xff\xfe\x00",
+        '{"url": "a:1"} trailing',
+        '{"cost": Infinity}',
+    ],
+)
+def test_a_refused_body_is_described_without_interpreter_internals(body: str | bytes) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        load_json_object(body)
+
+    message = caught.value.message
+    for internal in ("sys.", "set_int_max_str_digits", "4300", "codec", "Recursion", "Python"):
+        assert internal not in message
+    assert message.startswith("the body ")

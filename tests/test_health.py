@@ -89,7 +89,7 @@ async def test_a_real_worker_whose_health_fails_becomes_unhealthy_and_readiness_
     [worker] = await start_workers(1)
     body = {
         "url": f"127.0.0.1:{worker.port}",
-        "health": {"check_interval_secs": 0.01, "failure_threshold": 2, "success_threshold": 1},
+        "health": {"check_interval_secs": 0.1, "failure_threshold": 2, "success_threshold": 1},
     }
     with trio.fail_after(10):
         worker_id = (await client.post("/workers", json=body)).json()["worker_id"]

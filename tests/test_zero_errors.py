@@ -65,11 +65,11 @@ class Traffic:
 
 
 FAST_HEALTH: dict[str, object] = {
-    "check_interval_secs": 0.02,
+    "check_interval_secs": 0.1,  # the minimum
     "failure_threshold": 2,
     "success_threshold": 1,
 }
-PROBED = HealthConfig(check_interval_secs=0.02, failure_threshold=2, success_threshold=1)
+PROBED = HealthConfig(check_interval_secs=0.1, failure_threshold=2, success_threshold=1)
 
 
 @dataclass
