@@ -5,6 +5,11 @@ names the runtime); SGLang answers ``/server_info`` (or ``/get_server_info``) an
 (or ``/get_model_info``); vLLM answers ``/version``. A ``grpc://`` address, or a bare address that
 does not speak HTTP/1.1, is probed with the HTTP/2 client preface and must answer SETTINGS.
 Every failure raises DetectionError with a sentence an operator can act on.
+
+Loops: a tmg gateway marks its answers with ``x-tmg-gateway: <instance id>``. An answer that
+carries this gateway's own id means the address is this gateway itself; detection then fails at
+once with ``GatewayLoop``, whose ``retryable`` is False (no further attempt can answer otherwise).
+Another gateway's id is fine: chaining gateways is legitimate.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import errno
 import json
 import ssl
 from collections.abc import Awaitable
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import httpx
 import trio
@@ -22,6 +27,7 @@ from actors.errors import DetectionError
 from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
 from actors.urls import WorkerUrl
 
+GATEWAY_HEADER = "x-tmg-gateway"  # a tmg gateway's instance id, on its answers
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # empty SETTINGS frame, stream 0
 _INFO_KEYS_SKIPPED = {"host", "port", "internal_states"}
@@ -31,6 +37,13 @@ _ERRNO_REASONS = {
     errno.EHOSTUNREACH: "host unreachable",
     errno.ENETUNREACH: "network unreachable",
 }
+
+
+class GatewayLoop(DetectionError):
+    """The address answered as this gateway itself: registering it would make a loop."""
+
+    code = "LOOP_DETECTED"
+    retryable: ClassVar[bool] = False  # the registrar stops at once instead of retrying
 
 
 class _NotHttp(Exception):
@@ -98,7 +111,7 @@ class Detector:
         async def get(path: str) -> httpx.Response:
             target = f"{url.text}{path}"
             try:
-                return await self._client.get(target, headers=headers)
+                response = await self._client.get(target, headers=headers)
             except httpx.ConnectError as error:
                 raise DetectionError(f"GET {target}: cannot connect ({_reason(error)})") from None
             except httpx.TimeoutException:
@@ -109,6 +122,8 @@ class Detector:
                 raise _NotHttp(_reason(error)) from None
             except httpx.HTTPError as error:
                 raise DetectionError(f"GET {target}: {_reason(error)}") from None
+            self._refuse_ourselves(url, response)
+            return response
 
         health = await get("/health")
         if not health.is_success:
@@ -135,7 +150,8 @@ class Detector:
             probe_errors, others = group.split((DetectionError, _NotHttp))
             if others is not None or probe_errors is None:
                 raise  # a cancellation (or a bug) propagates untouched
-            raise _first_leaf(probe_errors) from None
+            loops = probe_errors.subgroup(GatewayLoop)  # the one error no retry can change
+            raise _first_leaf(loops or probe_errors) from None
 
         owner: str | None = None
         if spec.model_id is not None:
@@ -165,6 +181,17 @@ class Detector:
             models=tuple(models),
             labels=labels,
         )
+
+    def _refuse_ourselves(self, url: WorkerUrl, response: httpx.Response) -> None:
+        """GatewayLoop when ``response`` comes from this very gateway (our instance id)."""
+        if self._instance_id is None:
+            return
+        if response.headers.get(GATEWAY_HEADER, "").strip() == self._instance_id:
+            raise GatewayLoop(
+                f"{url.text} is this gateway itself (its answer carries our {GATEWAY_HEADER} "
+                f"id {self._instance_id}): registering it would make every request it gets "
+                "come back here in a loop; give the address of a worker"
+            )
 
     # ---- gRPC --------------------------------------------------------------------------
 

@@ -96,11 +96,13 @@ class _Registrar:
                     ),
                 )
                 detection = await self._probe(spec, min(spec.health.timeout_secs, timeout))
-                if isinstance(detection, str):
-                    last_error = detection
+                if isinstance(detection, DetectionError):
+                    last_error = detection.message
                     log.info(
-                        "worker %s: attempt %d failed: %s", start.worker_id, attempt, detection
+                        "worker %s: attempt %d failed: %s", start.worker_id, attempt, last_error
                     )
+                    if not getattr(detection, "retryable", True):
+                        break  # e.g. the address is this gateway itself: no retry can help
                 else:
                     await self._ask(
                         MarkReady(
@@ -124,14 +126,14 @@ class _Registrar:
             self._nursery.start_soon(self._recheck_later, start.worker_id, start.job_id, interval)
         return "failed"
 
-    async def _probe(self, spec: WorkerSpec, seconds: float) -> Detection | str:
+    async def _probe(self, spec: WorkerSpec, seconds: float) -> Detection | DetectionError:
         """One detection attempt: what it found, or why it failed."""
         with trio.move_on_after(seconds):
             try:
                 return await self._detector.detect(spec)
             except DetectionError as error:
-                return error.message
-        return f"{spec.url.text} did not answer detection within {seconds:g} s"
+                return error
+        return DetectionError(f"{spec.url.text} did not answer detection within {seconds:g} s")
 
     async def _recheck_later(self, worker_id: WorkerId, job_id: int, interval: float) -> None:
         while True:

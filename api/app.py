@@ -30,6 +30,14 @@ def create_app(gateway: Gateway, *, admin_api_key: str | None = None) -> QuartTr
     app.register_error_handler(GatewayError, _render_gateway_error)
     app.register_error_handler(HTTPException, _render_http_error)
     app.register_error_handler(Exception, _render_crash)
+    instance = gateway.config.instance_id
+
+    @app.after_request
+    async def _mark(response: Response) -> Response:
+        # who answered: detection refuses a worker that answers as this very gateway (a loop)
+        response.headers["x-tmg-gateway"] = instance
+        return response
+
     return app
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import trio
 
-from actors.detection import Detector, probe_http2
+from actors.detection import Detector, GatewayLoop, probe_http2
 from actors.errors import DetectionError
 from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
 from actors.urls import parse_worker_url
@@ -571,3 +571,128 @@ def test_the_reason_of_an_error_whose_context_chain_loops_is_found_and_terminate
     wrapper = RuntimeError("all attempts failed")
     wrapper.__cause__ = group
     assert _reason(wrapper) == "connection refused"
+
+
+# ---- loops: an address that answers as this gateway itself ---------------------------------
+
+OUR_ID = "0123456789abcdef"
+
+
+@dataclass
+class MarkedWorker:
+    """A worker (or a gateway) whose answers carry ``x-tmg-gateway: <mark>`` on ``marked``."""
+
+    inner: FakeHttpWorker
+    mark: str
+    marked: frozenset[str] = frozenset({"/v1/models"})
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        response = self.inner(request)
+        if request.url.path in self.marked:
+            response.headers["x-tmg-gateway"] = self.mark
+        return response
+
+
+def gateway_like(
+    mark: str, *models: str, marked: frozenset[str] = frozenset({"/v1/models"})
+) -> MarkedWorker:
+    """Answers as a tmg gateway does: /health, and /v1/models listing its ready workers' models."""
+    routes: dict[str, Route] = {"/health": (200, b"OK"), "/v1/models": model_list(*models)}
+    return MarkedWorker(FakeHttpWorker(routes), mark, marked)
+
+
+async def detect_as_us(worker: MarkedWorker, **spec: Any) -> Detection:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(worker)) as client:
+        detector = Detector(client, instance_id=OUR_ID)
+        return await detector.detect(WorkerSpec(url=parse_worker_url("127.0.0.1:30000"), **spec))
+
+
+async def test_an_address_answering_with_our_own_gateway_id_fails_at_once_as_a_loop() -> None:
+    ourselves = gateway_like(OUR_ID, "llama-8b")
+
+    with pytest.raises(GatewayLoop) as caught:
+        await detect_as_us(ourselves)
+
+    error = caught.value
+    assert isinstance(error, DetectionError)
+    assert "this gateway itself" in error.message and "loop" in error.message
+    assert "127.0.0.1:30000" in error.message
+    assert error.retryable is False and DetectionError("x").code != error.code
+    assert ourselves.inner.paths.count("/v1/models") == 1
+
+
+async def test_our_gateway_with_no_ready_workers_is_still_a_loop_not_an_empty_model_list() -> None:
+    ourselves = gateway_like(OUR_ID)  # /v1/models answers an empty list
+
+    with pytest.raises(GatewayLoop):
+        await detect_as_us(ourselves)
+
+
+async def test_our_id_on_a_failing_answer_is_a_loop_too() -> None:
+    ourselves = gateway_like(OUR_ID, "m", marked=frozenset({"/health"}))
+    ourselves.inner.routes["/health"] = (503, {"error": "not ready"})
+
+    with pytest.raises(GatewayLoop):
+        await detect_as_us(ourselves)
+
+    assert ourselves.inner.paths == ["/health"]  # nothing asked after the loop showed
+
+
+async def test_our_id_on_the_health_answer_stops_detection_before_the_model_list() -> None:
+    ourselves = gateway_like(OUR_ID, "m", marked=frozenset({"/health", "/v1/models"}))
+
+    with pytest.raises(GatewayLoop):
+        await detect_as_us(ourselves, model_id="m")  # a given model id: no /v1/models needed
+
+    assert ourselves.inner.paths == ["/health"]
+
+
+async def test_another_tmg_gateway_is_a_legitimate_worker() -> None:
+    upstream = gateway_like("fedcba9876543210", "llama-8b", "qwen-7b")
+
+    detection = await detect_as_us(upstream)
+
+    assert [model.id for model in detection.models] == ["llama-8b", "qwen-7b"]
+    assert detection.connection_mode is ConnectionMode.HTTP
+
+
+@pytest.mark.parametrize("mark", ["", OUR_ID.upper(), OUR_ID + "0", OUR_ID[:-1]])
+async def test_only_exactly_our_id_is_a_loop(mark: str) -> None:
+    detection = await detect_as_us(gateway_like(mark, "m"))
+
+    assert [model.id for model in detection.models] == ["m"]
+
+
+async def test_a_detector_without_an_instance_id_never_reports_a_loop() -> None:
+    ourselves = gateway_like(OUR_ID, "m")
+    async with httpx.AsyncClient(transport=httpx.MockTransport(ourselves)) as client:
+        detection = await Detector(client).detect(
+            WorkerSpec(url=parse_worker_url("127.0.0.1:30000"))
+        )
+
+    assert [model.id for model in detection.models] == ["m"]
+
+
+async def test_a_loop_is_seen_on_real_sockets(nursery: trio.Nursery) -> None:
+    seen: list[str] = []
+
+    async def answer_as_us(stream: trio.SocketStream) -> None:
+        async with stream:
+            head = await receive_until(stream, b"", lambda data: b"\r\n\r\n" in data)
+            path = head.split(b" ")[1].decode()
+            seen.append(path)
+            body = b'{"object": "list", "data": [{"id": "m", "object": "model"}]}'
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"X-TMG-Gateway: " + OUR_ID.encode() + b"\r\n"
+                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+
+    port = await serve(nursery, answer_as_us)
+
+    with trio.fail_after(5), pytest.raises(GatewayLoop, match="this gateway itself"):
+        async with httpx.AsyncClient(trust_env=False) as client:
+            detector = Detector(client, instance_id=OUR_ID)
+            await detector.detect(WorkerSpec(url=parse_worker_url(f"http://127.0.0.1:{port}")))
+
+    assert seen == ["/health"]

@@ -15,7 +15,7 @@ import trio
 
 import api.serve
 from actors import Gateway, open_gateway, worker_spec
-from scripts.fake_worker import FakeWorkerConfig, serve_fake_workers
+from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
 from scripts.loadtest import percentile_ms, redacted, worker_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,16 +25,23 @@ KEY = "load-test-admin-key"
 @asynccontextmanager
 async def served(
     count: int, *, admin_api_key: str | None = None
-) -> AsyncIterator[tuple[str, list[str], Gateway]]:
-    """Our gateway's HTTP API and ``count`` fake workers: (base URL, worker addresses, handle)."""
+) -> AsyncIterator[tuple[str, list[str], Gateway, list[FakeWorker]]]:
+    """Our gateway's HTTP API and ``count`` fake workers: (base URL, worker addresses, handle,
+    the fake workers themselves, whose ``counts`` record every request they served)."""
     async with open_gateway() as gateway, trio.open_nursery() as nursery:
         workers = await nursery.start(serve_fake_workers, [0] * count, FakeWorkerConfig())
         serve = functools.partial(
             api.serve.serve_api, gateway, bind="127.0.0.1:0", admin_api_key=admin_api_key
         )
         [url] = await nursery.start(serve)
-        yield url, [f"127.0.0.1:{worker.port}" for worker in workers], gateway
+        yield url, [f"127.0.0.1:{worker.port}" for worker in workers], gateway, workers
         nursery.cancel_scope.cancel()
+
+
+def detections(workers: list[FakeWorker]) -> int:
+    """How many times the gateway read a worker's model list: once per successful detection
+    (the gateway answers its own /v1/models from its registry, and health checks ask /health)."""
+    return sum(worker.counts["GET /v1/models"] for worker in workers)
 
 
 async def loadtest(url: str, *args: str) -> tuple[int, dict[str, Any]]:
@@ -54,8 +61,9 @@ async def loadtest(url: str, *args: str) -> tuple[int, dict[str, Any]]:
 
 async def test_churn_and_register_cycle_with_no_unexpected_answer() -> None:
     with trio.fail_after(60):
-        async with served(3, admin_api_key=KEY) as (url, addresses, gateway):
-            await gateway.add_worker(worker_spec(addresses[0]))  # as if left by an earlier run
+        async with served(3, admin_api_key=KEY) as (url, addresses, gateway, workers):
+            leftover = await gateway.add_worker(worker_spec(addresses[0]))  # an earlier run's
+            await gateway.wait_status(leftover.id, "ready", 10)
             auth = ("--admin-api-key", KEY)
             churn_code, churn = await loadtest(
                 url, "--mode", "churn", "--clients", "2", "--duration", "1", *auth,
@@ -65,18 +73,26 @@ async def test_churn_and_register_cycle_with_no_unexpected_answer() -> None:
                 url, "--mode", "register", "--workers", "3", *auth, "--worker-urls", *addresses
             )
             left = gateway.list_workers()
+            detected = detections(workers)
     assert churn["benchmark"] == "loadtest_churn" and churn["clients"] == 2
     assert churn["cycles"] > 0 and churn["failed_cycles"] == 0, churn
-    assert churn["cycles_per_sec"] > 0 and churn["cycle_p50_ms"] <= churn["cycle_p99_ms"]
+    # every cycle the script counted was a real registration the workers saw, and no more
+    assert detected == 1 + churn["cycles"] + register["samples"], (detected, churn, register)
+    assert churn["seconds"] >= 1  # it ran for its --duration (cycles started then finish)
+    assert abs(churn["cycles_per_sec"] - churn["cycles"] / churn["seconds"]) <= 0.1
+    assert 0 < churn["cycle_p50_ms"] <= churn["cycle_p99_ms"]
     for phase in ("post", "to_ready", "delete", "to_gone"):
-        assert churn[f"{phase}_p50_ms"] >= 0
+        # a phase is part of its cycle, so its percentile is at most the cycle's
+        assert 0 < churn[f"{phase}_p50_ms"] <= churn["cycle_p50_ms"], churn
     assert (churn["errors"], churn["unexpected"], churn["leftovers_cleared"]) == ({}, {}, 1)
     assert churn_code == 0
     assert KEY not in churn["command"] and "--admin-api-key ***" in churn["command"]
     assert register["benchmark"] == "loadtest_register"
     assert (register["workers"], register["samples"], register["failed"]) == (3, 3, 0), register
-    assert register["post_to_ready_p50_ms"] <= register["post_to_ready_max_ms"]
-    assert register["post_p50_ms"] <= register["post_p99_ms"]
+    assert 0 < register["post_to_ready_p50_ms"] <= register["post_to_ready_p99_ms"]
+    assert register["post_to_ready_p99_ms"] <= register["post_to_ready_max_ms"]
+    assert 0 < register["post_p50_ms"] <= register["post_p99_ms"]
+    assert register["post_p99_ms"] <= register["post_to_ready_max_ms"]  # a POST is part of it
     assert register["all_ready_seconds"] > 0 and register["cleanup_seconds"] >= 0
     assert (register["errors"], register["unexpected"]) == ({}, {})
     assert register_code == 0
@@ -85,7 +101,7 @@ async def test_churn_and_register_cycle_with_no_unexpected_answer() -> None:
 
 async def test_a_worker_that_never_becomes_ready_is_a_timeout_and_exit_code_1() -> None:
     with trio.fail_after(60):
-        async with served(0) as (url, _, gateway):
+        async with served(0) as (url, _, gateway, _workers):
             code, churn = await loadtest(
                 url, "--mode", "churn", "--duration", "1", "--cycle-timeout", "0.5",
                 "--worker-urls", "127.0.0.1:1",
@@ -100,11 +116,12 @@ async def test_a_worker_that_never_becomes_ready_is_a_timeout_and_exit_code_1() 
 
 async def test_unexpected_answers_are_counted_by_status_and_exit_code_1() -> None:
     with trio.fail_after(60):
-        async with served(1, admin_api_key=KEY) as (url, addresses, _):
+        async with served(1, admin_api_key=KEY) as (url, addresses, _, workers):
             code, register = await loadtest(  # no admin key: every POST is a 401
                 url, "--mode", "register", "--workers", "1", "--worker-urls", *addresses
             )
     assert code == 1
+    assert detections(workers) == 0  # refused POSTs registered nothing
     assert register["unexpected"] == {"POST 401": 1}, register
     assert register["samples"] == 0 and register["failed"] == 1
 

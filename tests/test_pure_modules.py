@@ -25,6 +25,8 @@ PURE = [
     "breaker.py",
     "jobs.py",
     "persistence.py",
+    "validation.py",
+    "addresses.py",
 ]
 OPTIONAL_PURE: list[str] = []  # modules checked once they exist
 FORBIDDEN = {"trio", "httpx", "quart", "quart_trio", "hypercorn", "anyio", "outcome"}

@@ -53,6 +53,7 @@ def test_each_accepted_spelling_has_one_canonical_form(
         ["http://[::1]:8000", "[0:0::1]:8000", "grpc://[0000::1]:8000/", "[::1]:8000"],
         ["http://x", "http://x:80", "HTTP://X:80/", "x:80", "grpc://x:80"],
         ["https://x", "x:443", "https://X:443/"],
+        ["127.0.0.1:8000", "[::ffff:127.0.0.1]:8000", "http://[::FFFF:7F00:1]:8000/"],
     ],
 )
 def test_all_spellings_of_one_address_share_an_identity_key(spellings: list[str]) -> None:
@@ -207,10 +208,135 @@ def test_a_value_that_is_not_a_string_is_a_400() -> None:
         parse_worker_url(8000)  # type: ignore[arg-type]
 
 
+# ---- numeric hosts have one spelling each ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.1",  # fewer than four parts
+        "127.0.1",
+        "2130706433",  # a single integer
+        "0x7f000001",  # hex
+        "0x7f.0.0.1",
+        "0177.0.0.1",  # octal (a leading zero)
+        "127.0.0.01",
+        "127.000.0.1",
+        "127.0.0.1.",  # a trailing dot
+        "1.2.3.0x4",
+        "256.0.0.1",  # out of range
+        "1.2.3.4.5",
+        "worker.example.42",  # a number as the last label is read as IPv4 by resolvers
+        "x.0x",
+    ],
+)
+def test_a_non_canonical_numeric_ipv4_host_is_refused_saying_how_to_write_it(host: str) -> None:
+    for raw in (f"{host}:8000", f"http://{host}:8000/", f"GRPC://{host.upper()}:8000"):
+        with pytest.raises(InvalidUrl) as caught:
+            parse_worker_url(raw)
+
+        assert "not a canonical IPv4 address" in caught.value.message
+        assert "127.0.0.1" in caught.value.message  # the example of the canonical form
+        assert caught.value.field == "url"
+
+
+@pytest.mark.parametrize(
+    "host", ["1.example", "0x1.example", "127.example", "a1b.c", "x0x7f", "1e5.h", "0.0.0.0"]
+)
+def test_a_name_whose_last_label_is_not_a_number_stays_a_name(host: str) -> None:
+    assert parse_worker_url(f"{host}:1").host == host
+
+
+@pytest.mark.parametrize(
+    ("raw", "text", "key"),
+    [
+        ("[::ffff:127.0.0.1]:8000", "127.0.0.1:8000", "127.0.0.1:8000"),
+        ("http://[::ffff:7f00:1]:8000", "http://127.0.0.1:8000", "127.0.0.1:8000"),
+        ("grpc://[0:0:0:0:0:FFFF:10.1.2.3]:9", "grpc://10.1.2.3:9", "10.1.2.3:9"),
+    ],
+)
+def test_an_ipv4_mapped_ipv6_address_is_the_ipv4_address(raw: str, text: str, key: str) -> None:
+    url = parse_worker_url(raw)
+
+    assert (url.text, url.key) == (text, key)
+    assert ":" not in url.host
+
+
+def test_the_ipv6_neighbours_of_mapped_addresses_stay_ipv6() -> None:
+    assert parse_worker_url("[::7f00:1]:1").key == "[::7f00:1]:1"  # IPv4-compatible, not mapped
+    assert parse_worker_url("[64:ff9b::7f00:1]:1").key == "[64:ff9b::7f00:1]:1"  # NAT64
+
+
+@pytest.mark.parametrize("raw", ["[fe80::1%eth0]:80", "http://[fe80::1%25eth0]:80", "[::1%1]:1"])
+def test_an_ipv6_zone_id_is_refused(raw: str) -> None:
+    with pytest.raises(InvalidUrl, match="zone id"):
+        parse_worker_url(raw)
+
+
+# ---- userinfo is never echoed -------------------------------------------------------------
+
+SECRET = "Pa55w0rd-xyzzy"
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (f"http://user:{SECRET}@a:1", "'http://***@a:1'"),
+        (f"http://user:{SECRET}@a:1/v1", "'http://***@a:1/v1'"),  # would be a path error
+        (f"http://user:{SECRET}@a:1?x=1", "'http://***@a:1?x=1'"),
+        (f"ftp://user:{SECRET}@a:1", "'***@a:1'"),  # a bad scheme too
+        (f"http://user:{SECRET}/x@a:1", "'http://***@a:1'"),  # a '/' in the password
+        (f"http://user:{SECRET}#@a:1", "'http://***@a:1'"),
+        (f"http://user:{SECRET}?@a:1", "'http://***@a:1'"),
+        (f"http://user:{SECRET}@@a:1", "'http://***@a:1'"),
+        (f"user:{SECRET}@a:1", "'***@a:1'"),  # bare
+        (f"user:{SECRET}/x@a:1", "'***@a:1'"),
+        (f"http://u:{SECRET} x@a:1", "'http://***@a:1'"),  # whitespace
+        (f"http://u:{SECRET}\u00e9@a:1", "'http://***@a:1'"),  # not ASCII
+        (f"http://{SECRET}@", "'http://***@'"),
+        (f"{SECRET}://x@a:1", "'***@a:1'"),
+        (f"http://u:{SECRET}@" + "a" * MAX_URL_BYTES + ":1", "'http://***@aaaa"),  # too long
+    ],
+)
+def test_a_url_with_userinfo_is_refused_without_echoing_it(raw: str, shown: str) -> None:
+    with pytest.raises(InvalidUrl) as caught:
+        parse_worker_url(raw)
+
+    message = caught.value.message
+    assert SECRET not in message
+    assert shown in message
+    assert caught.value.field == "url"
+
+
+_URL_CHARACTERS = st.sampled_from([*"ab1:/?#@[]% .\t\u00e9", "%40", "://", "http"])
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(
+    st.sampled_from(["", "http://", "HTTPS://", "grpc://", "ftp://", "x"]),
+    st.lists(_URL_CHARACTERS, max_size=8).map("".join),
+    st.lists(_URL_CHARACTERS, max_size=8).map("".join),
+)
+def test_no_refusal_of_a_url_with_an_at_sign_shows_what_precedes_it(
+    scheme: str, before: str, after: str
+) -> None:
+    raw = f"{scheme}{before}{SECRET}{before}@{after}"
+    try:
+        parse_worker_url(raw)
+    except InvalidUrl as error:
+        assert SECRET not in error.message
+        assert raw not in error.message
+    else:
+        raise AssertionError(f"{raw!r} was accepted")
+
+
 # ---- property: the canonical form is a fixed point -------------------------------------------
 
 _LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=1, max_size=12)
-_HOSTNAMES = st.lists(_LABEL, min_size=1, max_size=4).map(".".join)
+_LAST_LABEL = _LABEL.map(lambda label: "h" + label)  # a numeric last label means IPv4
+_HOSTNAMES = st.tuples(st.lists(_LABEL, max_size=3), _LAST_LABEL).map(
+    lambda parts: ".".join([*parts[0], parts[1]])
+)
 _IPV4 = st.tuples(*[st.integers(0, 255)] * 4).map(lambda parts: ".".join(map(str, parts)))
 _IPV6 = st.ip_addresses(v=6).map(lambda address: f"[{address.exploded}]")
 
