@@ -3,6 +3,14 @@
 Counters and histograms are updated where things happen (the proxy, the registrar); gauges that
 describe current state (workers by status, in-flight requests, breaker states, the registry
 inbox depth) are read from their owners at scrape time, so nothing is kept twice.
+
+Series die with their worker. The gauges by ``worker_id`` come from the owners' current state,
+so a removed worker drops out of them by itself. ``tmg_requests_total{model,worker_id,code}`` is
+a counter: each label set it ever had is kept here per worker, and ``forget_worker`` (called when
+the registry removes the worker) removes them all; a series for a worker that is no longer
+registered is never created again. Without that, every worker that ever served left its series
+behind (thousands after a few thousand churn cycles). The kept children also spare the hot path
+``labels()``'s lookup: one dict hit per answer.
 """
 
 from __future__ import annotations
@@ -64,6 +72,10 @@ class _StateCollector(Collector):
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # (model, worker_id, code) -> its tmg_requests_total child; worker_id -> its keys
+        self._requests: dict[tuple[str, WorkerId, int], Counter] = {}
+        self._requests_of: dict[WorkerId, list[tuple[str, WorkerId, int]]] = {}
+        self._registered: Callable[[WorkerId], bool] = lambda worker_id: True
         self.proxied = Counter(
             "tmg_requests",
             "Proxied inference requests by model, worker and status code",
@@ -94,6 +106,24 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+    def count_request(self, model: str, worker_id: WorkerId, code: int) -> None:
+        """One answer (its status ``code``) from ``worker_id`` for ``model``."""
+        key = (model, worker_id, code)
+        child = self._requests.get(key)
+        if child is None:
+            if not self._registered(worker_id):
+                return  # removed while this request ran: its series are gone for good
+            child = self._requests[key] = self.proxied.labels(model, worker_id, str(code))
+            self._requests_of.setdefault(worker_id, []).append(key)
+        child.inc()
+
+    def forget_worker(self, worker_id: WorkerId) -> None:
+        """The worker left the registry: remove every series that names it."""
+        for key in self._requests_of.pop(worker_id, ()):
+            del self._requests[key]
+            model, _, code = key
+            self.proxied.remove(model, worker_id, str(code))
+
     def registration_jobs_outcome(self, outcome: str) -> None:
         self.registration_jobs.labels(outcome).inc()
 
@@ -104,7 +134,9 @@ class GatewayMetrics:
         breakers: Callable[[], Mapping[WorkerId, int]],
         inbox_depth: Callable[[], int],
     ) -> None:
-        """Report the state gauges from their owners at scrape time."""
+        """Report the state gauges from their owners at scrape time; only workers in the
+        snapshot get new request series."""
+        self._registered = lambda worker_id: worker_id in snapshot().workers
         self.registry.register(_StateCollector(snapshot, in_flight, breakers, inbox_depth))
 
     def render(self) -> bytes:

@@ -5,6 +5,20 @@ with the routing policy and count it in flight in the same synchronous step (so 
 miss a request), then send the request through the keep-alive pool. A connect error, a reset
 before the first response byte, or a 5xx before any byte reached the client is retried on
 another worker (``retries`` times). Failures feed the circuit breakers.
+
+Answers are passed on by size. One whose Content-Length is at most ``SMALL_ANSWER`` is read
+whole and sent in one piece (one write to the client for the common short completion). Anything
+larger, or not sized (chunked, to EOF: streams), goes through piece by piece as it arrives, so a
+client that reads slowly, or not at all, holds at most the socket buffers, never a whole answer.
+The Content-Length sent to the client is always the one the pool framed the body by (h11 hands
+out exactly that many bytes or fails), never a header merely copied from the worker; a body that
+ends short of it cuts the client's connection (the answer is never finished, so the server
+closes it) rather than leaving it expecting bytes that belong to the next answer.
+
+Two failures are not the worker's: the gateway out of file descriptors (ResourcesExhausted: a
+503 with Retry-After, no breaker, no retry elsewhere), and a request that came around again
+(``x-tmg-via`` names this gateway; refused by the ASGI layer; a worker answering 508 is passed
+on to the client as it is, and counts against the worker's breaker).
 """
 
 from __future__ import annotations
@@ -22,13 +36,17 @@ from actors.metrics import GatewayMetrics
 from actors.model import ConnectionMode, Worker, WorkerStatus
 from actors.routing import Router, RouteRequest
 from actors.snapshot import RegistrySnapshot
-from actors.upstream import ReadTimedOut, UpstreamError, UpstreamPool
+from actors.upstream import ReadTimedOut, ResourcesExhausted, UpstreamError, UpstreamPool
 
 Headers = list[tuple[bytes, bytes]]
-HOP_BY_HOP = frozenset(
+# never copied from a worker's answer: connection-level headers, and Content-Length (set from
+# the framing the pool checked, see the module docstring)
+NOT_FORWARDED = frozenset(
     (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
-     b"proxy-connection", b"date", b"server")
+     b"proxy-connection", b"date", b"server", b"content-length")
 )  # fmt: skip
+SMALL_ANSWER = 64 * 1024  # a sized answer up to this is read whole and sent in one piece
+LOOP_DETECTED = 508
 
 
 class Responder(Protocol):
@@ -45,6 +63,7 @@ class ProxyRequest:
     body: bytes  # forwarded unchanged
     route: RouteRequest
     accept: bytes | None = None
+    via: bytes | None = None  # the x-tmg-via hop list to send on, this gateway included
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,9 +98,11 @@ class DataPlane:
         self.retries = retries
 
     def forget(self, worker_id: str) -> None:
-        """A worker left the registry: drop its routing and breaker state."""
+        """A worker left the registry: drop its routing and breaker state, and its metric
+        series."""
         self.router.forget(worker_id)
         self.breakers.forget(worker_id)
+        self._metrics.forget_worker(worker_id)
 
     async def forward(self, request: ProxyRequest, respond: Responder) -> Refusal | None:
         """Proxy ``request``; None when an answer went out, else why none could."""
@@ -123,8 +144,8 @@ class DataPlane:
     async def _try(
         self, worker: Worker, request: ProxyRequest, respond: Responder, started: float
     ) -> Refusal | None:
-        """One attempt on one worker. A Refusal means nothing reached the client (retry);
-        an error after the answer started propagates (the client's stream is cut)."""
+        """One attempt on one worker. A Refusal means nothing reached the client (retry unless
+        final); an error after the answer started propagates (the client's answer is cut)."""
         url = worker.url
         model = request.route.model
         headers = self._headers(worker, request)
@@ -134,26 +155,36 @@ class DataPlane:
                 url.host, url.port, b"POST", request.path, headers, request.body, tls=url.is_tls
             ) as answer:
                 status = answer.status
-                self._metrics.proxied.labels(model, worker.id, str(status)).inc()
-                if status >= 500:
+                self._metrics.count_request(model, worker.id, status)
+                if status >= 500 and status != LOOP_DETECTED:
                     self.breakers.failed(worker.id, trio.current_time())
                     verdict = True
                     return Refusal(502, "upstream_error", f"the worker answered {status}")
-                self.breakers.succeeded(worker.id)
+                if status == LOOP_DETECTED:  # it is this gateway, or leads back to it
+                    self.breakers.failed(worker.id, trio.current_time())
+                else:
+                    self.breakers.succeeded(worker.id)
                 verdict = True
-                forwarded = [(k, v) for k, v in answer.headers if k not in HOP_BY_HOP]
+                forwarded = [(k, v) for k, v in answer.headers if k not in NOT_FORWARDED]
                 forwarded.append((b"x-worker-id", worker.id.encode()))
-                sized = any(name == b"content-length" for name, _ in forwarded)
-                whole = await answer.read() if sized else None  # one send, not one per piece
+                length = answer.length
+                if length is not None and status != 204 and status != 304:
+                    forwarded.append((b"content-length", b"%d" % length))
+                # a small sized answer is read whole (exactly ``length`` bytes: h11 checks) and
+                # goes out in one send; anything else piece by piece as it arrives
+                small = length is not None and length <= SMALL_ANSWER
+                whole = await answer.read() if small else None
                 await respond.start(status, forwarded)
                 answered = True
                 self._metrics.ttfb.labels(model).observe(time.perf_counter() - started)
-                if whole is None:  # a stream: pass each piece on as it arrives
+                if whole is None:
                     async for chunk in answer.chunks():
                         await respond.body(chunk, more=True)
             # the upstream answer is complete and its connection back in the pool before the
             # client's answer ends (ending it lets the ASGI server report a disconnect)
             await respond.body(whole or b"", more=False)
+        except ResourcesExhausted as error:  # ours, not the worker's: no breaker, no retry
+            return Refusal(503, "gateway_overloaded", str(error), retry_after=1, final=True)
         except UpstreamError as error:
             if not verdict:
                 self.breakers.failed(worker.id, trio.current_time())
@@ -179,6 +210,8 @@ class DataPlane:
             headers.append((b"authorization", b"Bearer " + worker.spec.api_key.encode()))
         if request.accept is not None:
             headers.append((b"accept", request.accept))
+        if request.via is not None:
+            headers.append((b"x-tmg-via", request.via))
         return headers
 
     def _no_worker(self, model: str) -> Refusal:

@@ -11,6 +11,11 @@ and both sides agreed on keep-alive; otherwise (body not fully read, any excepti
 cancellation, ``connection: close``) its socket is closed synchronously on the spot.  A pooled
 connection that fails before any response byte (the worker closed it while it sat idle) is
 replaced by a fresh one once, transparently; see DESIGN.md section 4 for why this client exists.
+
+Errors say whose fault it was. A response head that frames its body two ways (Content-Length
+and Transfer-Encoding) is BadResponse, and its connection is closed. A connect that fails because
+this process is out of file descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) is ResourcesExhausted,
+not ConnectFailed: the worker is not at fault, and another worker would fare no better.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from actors.upstream_h11 import (
     ConnectFailed,
     NoResponse,
     ReadTimedOut,
+    ResourcesExhausted,
     UpstreamError,
     UpstreamLimits,
     UpstreamResponse,
-    connect_error_message,
+    connect_error,
     h11_primer,
     host_header,
     serialize_request,
@@ -48,6 +54,7 @@ __all__ = [
     "ConnectFailed",
     "NoResponse",
     "ReadTimedOut",
+    "ResourcesExhausted",
     "UpstreamError",
     "UpstreamLimits",
     "UpstreamPool",
@@ -104,13 +111,14 @@ class _Host:
 
 
 class _Exchange(AbstractAsyncContextManager[UpstreamResponse]):
-    __slots__ = ("_data", "_host", "_pool", "_primer", "_response")
+    __slots__ = ("_data", "_head_request", "_host", "_pool", "_primer", "_response")
 
     def __init__(self, pool: UpstreamPool, host: _Host, data: bytes, primer: h11.Request) -> None:
         self._pool = pool
         self._host = host
         self._data = data
         self._primer = primer
+        self._head_request = primer.method == b"HEAD"
         self._response: UpstreamResponse | None = None
 
     async def __aenter__(self) -> UpstreamResponse:
@@ -161,7 +169,9 @@ class _Exchange(AbstractAsyncContextManager[UpstreamResponse]):
                                 f"the response head from {self._host.name} exceeds "
                                 f"{limits.max_head_bytes} bytes"
                             )
-                        self._response = UpstreamResponse(conn, event, limits, self._host.name)
+                        self._response = UpstreamResponse(
+                            conn, event, limits, self._host.name, bodiless=self._head_request
+                        )
                         return self._response
                     elif type(event) is not h11.InformationalResponse:
                         raise BadResponse(f"unexpected {event!r} from {self._host.name}")
@@ -255,7 +265,7 @@ class UpstreamPool:
             try:
                 stream = await trio.open_tcp_stream(host.host, host.port)
             except OSError as exc:
-                raise ConnectFailed(connect_error_message(host.name, exc)) from exc
+                raise connect_error(host.name, exc) from exc
             if not host.tls:
                 return Conn(stream, stream.socket, limits.max_head_bytes)
             try:

@@ -9,6 +9,7 @@ right method; its bytes are never sent.  The pool that owns connections is ``act
 from __future__ import annotations
 
 import errno
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,19 @@ class ReadTimedOut(UpstreamError):
 
 class BodyTooLarge(UpstreamError):
     """``read()`` found more than ``max_body_bytes`` of body."""
+
+
+class ResourcesExhausted(UpstreamError):
+    """The gateway itself ran out of file descriptors or socket memory while connecting.
+
+    Not the worker's failure: a caller must not count it against the worker (no circuit breaker)
+    nor try another worker (the next connect would fail the same way); nothing was sent.
+    """
+
+
+# errnos of a connect or socket() that say this process or host is out of something, whatever
+# the worker: descriptors (EMFILE per process, ENFILE per host), socket buffers, kernel memory
+LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 _TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -132,15 +146,21 @@ def h11_primer(method: bytes, keep_alive: bool) -> h11.Request:
     return primer
 
 
-def connect_error_message(name: str, exc: OSError) -> str:
-    """A sentence for a failed connect; says "connection refused" when that was the errno."""
+def connect_error(name: str, exc: OSError) -> UpstreamError:
+    """The error for a failed connect: ResourcesExhausted when any attempt failed for want of
+    a local resource (trio.open_tcp_stream reports each address's failure in ``__cause__``),
+    else ConnectFailed, saying "connection refused" when that was the errno."""
     errnos = {exc.errno}
     group = exc.__cause__
-    if isinstance(group, ExceptionGroup):  # trio.open_tcp_stream tried several addresses
+    if isinstance(group, ExceptionGroup):  # trio.open_tcp_stream tried one or more addresses
         errnos.update(getattr(e, "errno", None) for e in group.exceptions)
+    local = [code for code in errnos if code in LOCAL_EXHAUSTION]
+    if local:
+        reason = os.strerror(local[0])
+        return ResourcesExhausted(f"the gateway cannot open a connection to {name}: {reason}")
     if errno.ECONNREFUSED in errnos:
-        return f"cannot connect to {name}: connection refused"
-    return f"cannot connect to {name}: {exc}"
+        return ConnectFailed(f"cannot connect to {name}: connection refused")
+    return ConnectFailed(f"cannot connect to {name}: {exc}")
 
 
 class Conn:
@@ -158,13 +178,46 @@ class Conn:
 
 class UpstreamResponse:
     """The head of a response (``status``, ``headers`` with lower-cased names), and its body
-    through ``read()`` or ``chunks()``, valid inside the ``async with`` block."""
+    through ``read()`` or ``chunks()``, valid inside the ``async with`` block.
 
-    __slots__ = ("_conn", "_done", "_limits", "_name", "headers", "status")
+    ``length`` is the body's exact size when the head fixes it: the Content-Length that frames
+    it, or 0 for a response without a body (to HEAD, 204, 304). It is None for a chunked body
+    or one that runs to EOF. h11 holds a sized body to its length: it never hands out a byte
+    beyond it, and an EOF before it is an error (BadResponse), so a caller may declare
+    ``length`` to its own client before reading. A head with both Content-Length and
+    Transfer-Encoding is refused (BadResponse): h11 would frame it by the chunks, and the
+    Content-Length, were anyone to pass it on, would let the worker end the answer where it
+    likes and forge what follows (request smuggling, turned around).
+    """
 
-    def __init__(self, conn: Conn, event: h11.Response, limits: UpstreamLimits, name: str) -> None:
-        self.status: int = event.status_code
-        self.headers: list[tuple[bytes, bytes]] = list(event.headers)
+    __slots__ = ("_conn", "_done", "_limits", "_name", "headers", "length", "status")
+
+    def __init__(
+        self,
+        conn: Conn,
+        event: h11.Response,
+        limits: UpstreamLimits,
+        name: str,
+        *,
+        bodiless: bool = False,
+    ) -> None:
+        status = self.status = event.status_code
+        headers: list[tuple[bytes, bytes]] = list(event.headers)
+        length: int | None = None
+        chunked = False
+        for header, value in headers:  # h11 lower-cased the names and merged equal lengths
+            if header == b"content-length":
+                length = int(value)
+            elif header == b"transfer-encoding":
+                chunked = True
+        if chunked and length is not None:
+            raise BadResponse(
+                f"{name} answered with both Content-Length and Transfer-Encoding (ambiguous)"
+            )
+        if bodiless or status in (204, 304):
+            length = 0
+        self.headers = headers
+        self.length = length
         self._conn: Conn | None = conn
         self._done = False
         self._limits = limits

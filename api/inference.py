@@ -5,6 +5,22 @@
 request would dominate, DESIGN.md section 4); everything else goes to the Quart app. The body is
 read once, ``model`` (and the routing key) extracted, and the original bytes forwarded unchanged.
 Errors use the OpenAI shape ``{"error": {"type", "code", "message", "param"}}``.
+
+**Loops.** Every answer this app makes itself (``/v1/models``, every error) carries
+``x-tmg-gateway: <instance_id>``, so detection can tell that a "worker" is this gateway. Every
+proxied request carries ``x-tmg-via``: the incoming hop list with this gateway's id appended. A
+request whose list already names this gateway, or holds more than ``MAX_HOPS`` hops, is refused
+with 508 ``loop_detected`` before it is routed: a gateway registered as its own worker (or two
+pointing at each other) answers one 508 instead of recursing until it runs out of descriptors.
+
+**Deep JSON.** ``json.loads`` recurses once per nesting level and raises RecursionError near the
+interpreter's recursion limit (about 1,000 levels): that is the depth limit, caught and answered
+with a 400. No pre-scan of the body: the hot path pays nothing for it.
+
+**Disconnects.** A client that goes away cancels its upstream request, streaming or not. A
+server that does this itself (ours: it cancels the app call when the connection ends) says so
+with the ``tmg.cancel_on_disconnect`` scope extension, and then no watcher task is started; on
+other servers (hypercorn) one task per request waits for ``http.disconnect`` and cancels.
 """
 
 from __future__ import annotations
@@ -16,7 +32,7 @@ from typing import Any
 
 import trio
 
-from actors.proxy import DataPlane, Headers, ProxyRequest, Refusal
+from actors.proxy import LOOP_DETECTED, Headers, ProxyRequest, Refusal
 from actors.routing import RouteRequest
 from actors.service import Gateway
 from actors.upstream import UpstreamError
@@ -29,26 +45,135 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 POST_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate"))
 MAX_BODY_BYTES = 32 * 1024 * 1024
-JSON_HEADERS = [(b"content-type", b"application/json")]
+MAX_HOPS = 8  # gateways a request may already have passed through
+CANCEL_ON_DISCONNECT = "tmg.cancel_on_disconnect"  # the server cancels the app call itself
 log = logging.getLogger("tmg.inference")
 
 
 def inference_app(gateway: Gateway, fallback: ASGIApp) -> ASGIApp:
-    dataplane = gateway.dataplane
-    wants_prompt = dataplane.router.policy == "cache_aware"
+    return _InferenceApp(gateway, fallback)
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+
+class _InferenceApp:
+    """The ASGI app; what every request needs is computed once, here."""
+
+    __slots__ = ("_dataplane", "_fallback", "_gateway", "_id", "_json", "_wants_prompt")
+
+    def __init__(self, gateway: Gateway, fallback: ASGIApp) -> None:
+        self._gateway = gateway
+        self._fallback = fallback
+        self._dataplane = gateway.dataplane
+        self._wants_prompt = gateway.dataplane.router.policy == "cache_aware"
+        self._id = gateway.config.instance_id.encode("ascii")
+        self._json: Headers = [(b"content-type", b"application/json"), (b"x-tmg-gateway", self._id)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
             if path in POST_ROUTES:
                 if scope["method"] != "POST":
-                    return await _error(send, 405, "method_not_allowed", f"use POST {path}")
-                return await _proxy(dataplane, scope, receive, send, wants_prompt)
+                    return await self._error(send, 405, "method_not_allowed", f"use POST {path}")
+                return await self._proxy(scope, receive, send)
             if path == "/v1/models" and scope["method"] == "GET":
-                return await _send_json(send, 200, _models(gateway))
-        await fallback(scope, receive, send)
+                return await self._send_json(send, 200, _models(self._gateway))
+        await self._fallback(scope, receive, send)
 
-    return app
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session = accept = via = None
+        for name, value in scope["headers"]:
+            if name == b"x-session-id":
+                session = value.decode("latin-1")
+            elif name == b"accept":
+                accept = value
+            elif name == b"x-tmg-via":
+                via = value if via is None else via + b"," + value
+        if via is None:
+            via = self._id
+        else:
+            hops = via.split(b",")
+            if len(hops) > MAX_HOPS or any(hop.strip() == self._id for hop in hops):
+                return await self._error(
+                    send, LOOP_DETECTED, "loop_detected",
+                    "the request has already passed through this gateway "
+                    f"or through more than {MAX_HOPS} gateways (x-tmg-via)",
+                )  # fmt: skip
+            via += b", " + self._id
+        body = await _read_body(receive)
+        if body is None:
+            return await self._error(
+                send, 413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes"
+            )
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return await self._error(send, 400, "invalid_json", "the body is not valid JSON")
+        except RecursionError:  # the depth limit: see the module docstring
+            return await self._error(send, 400, "invalid_json", "the body is nested too deeply")
+        if not isinstance(data, dict):
+            return await self._error(send, 400, "invalid_json", "the body must be a JSON object")
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            message = (
+                "'model' is required" if model is None else "'model' must be a non-empty string"
+            )
+            return await self._error(
+                send, 400, "missing_required_parameter", message, param="model"
+            )
+        if session is None and isinstance(user := data.get("user"), str):
+            session = user
+        route = RouteRequest(
+            model=model, session_key=session, prompt=_prompt(data) if self._wants_prompt else None
+        )
+        request = ProxyRequest(
+            path=scope["raw_path"] or scope["path"].encode(),
+            body=body,
+            route=route,
+            accept=accept,
+            via=via,
+        )
+        refusal: Refusal | None = None
+        extensions = scope.get("extensions")
+        if extensions is not None and CANCEL_ON_DISCONNECT in extensions:
+            refusal = await self._forward(request, send)  # the server cancels us on disconnect
+        else:  # a client leaving cancels the upstream request: a watcher task does it
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+                refusal = await self._forward(request, send)
+                nursery.cancel_scope.cancel()
+        if refusal is not None:
+            headers = None
+            if refusal.retry_after:
+                headers = [(b"retry-after", str(refusal.retry_after).encode())]
+            await self._error(send, refusal.status, refusal.code, refusal.message, extra=headers)
+
+    async def _forward(self, request: ProxyRequest, send: Send) -> Refusal | None:
+        try:
+            return await self._dataplane.forward(request, _AsgiResponder(send))
+        except UpstreamError as error:  # the answer had started: it stays unfinished, and
+            log.info("answer from a worker broke off: %s", error)  # the server cuts it
+            return None
+
+    async def _error(
+        self,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        param: str | None = None,
+        extra: Headers | None = None,
+    ) -> None:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"type": kind, "code": code, "message": message, "param": param}}
+        await self._send_json(send, status, body, extra)
+
+    async def _send_json(
+        self, send: Send, status: int, body: object, extra: Headers | None = None
+    ) -> None:
+        data = json.dumps(body).encode()
+        headers = [*self._json, (b"content-length", b"%d" % len(data)), *(extra or ())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
 class _AsgiResponder:
@@ -62,60 +187,6 @@ class _AsgiResponder:
 
     async def body(self, data: bytes, *, more: bool) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
-
-
-async def _proxy(
-    dataplane: DataPlane, scope: Scope, receive: Receive, send: Send, wants_prompt: bool
-) -> None:
-    body = await _read_body(receive)
-    if body is None:
-        return await _error(
-            send, 413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes"
-        )
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return await _error(send, 400, "invalid_json", "the body is not valid JSON")
-    if not isinstance(data, dict):
-        return await _error(send, 400, "invalid_json", "the body must be a JSON object")
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        message = "'model' is required" if model is None else "'model' must be a non-empty string"
-        return await _error(send, 400, "missing_required_parameter", message, param="model")
-    session = accept = None
-    for name, value in scope["headers"]:
-        if name == b"x-session-id":
-            session = value.decode("latin-1")
-        elif name == b"accept":
-            accept = value
-    if session is None and isinstance(user := data.get("user"), str):
-        session = user
-    route = RouteRequest(
-        model=model, session_key=session, prompt=_prompt(data) if wants_prompt else None
-    )
-    request = ProxyRequest(
-        path=scope["raw_path"] or scope["path"].encode(),
-        body=body,
-        route=route,
-        accept=accept,
-    )
-    if data.get("stream") is True:  # a client leaving mid-stream cancels the upstream request
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            refusal = await _forward(dataplane, request, send)
-            nursery.cancel_scope.cancel()
-    else:  # a plain answer is short to forward: no watcher task (it costs ~5% of the CPU)
-        refusal = await _forward(dataplane, request, send)
-    if refusal is not None:
-        await _refuse(send, refusal)
-
-
-async def _forward(dataplane: DataPlane, request: ProxyRequest, send: Send) -> Refusal | None:
-    try:
-        return await dataplane.forward(request, _AsgiResponder(send))
-    except UpstreamError as error:  # the answer had started: the stream is cut short
-        log.info("stream from a worker broke: %s", error)
-        return None
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
@@ -168,29 +239,3 @@ def _models(gateway: Gateway) -> dict[str, Any]:
         owner = runtime.value if runtime is not None else "unknown"
         data.append({"id": model, "object": "model", "created": 0, "owned_by": owner})
     return {"object": "list", "data": data}
-
-
-async def _refuse(send: Send, refusal: Refusal) -> None:
-    headers = [(b"retry-after", str(refusal.retry_after).encode())] if refusal.retry_after else []
-    await _error(send, refusal.status, refusal.code, refusal.message, extra=headers)
-
-
-async def _error(
-    send: Send,
-    status: int,
-    code: str,
-    message: str,
-    *,
-    param: str | None = None,
-    extra: Headers | None = None,
-) -> None:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"type": kind, "code": code, "message": message, "param": param}}
-    await _send_json(send, status, body, extra)
-
-
-async def _send_json(send: Send, status: int, body: object, extra: Headers | None = None) -> None:
-    data = json.dumps(body).encode()
-    headers = [*JSON_HEADERS, (b"content-length", str(len(data)).encode()), *(extra or [])]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data, "more_body": False})

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
+from collections.abc import MutableMapping
+from typing import Any
 
 import httpx
 import jsonschema
 import pytest
 import trio
+import trio.testing
 
 from actors import worker_spec
 from actors.model import Worker, WorkerStatus
 from actors.proxy import DataPlane, ProxyRequest
 from actors.routing import RouteRequest
 from actors.service import Gateway
+from api.inference import CANCEL_ON_DISCONNECT, inference_app
 from tests.conftest import Open, StartWorkers, register
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -173,7 +178,7 @@ async def test_a_drained_worker_with_a_long_stream_is_removed_only_when_it_ends(
 
 
 async def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request(
-    base_url: str, gateway: Gateway, start_workers: StartWorkers
+    base_url: str, gateway: Gateway, start_workers: StartWorkers, caplog: pytest.LogCaptureFixture
 ) -> None:
     [worker] = await start_workers(1, model="m", token_delay=0.01)
     host, port = base_url.removeprefix("http://").rsplit(":", 1)
@@ -193,7 +198,57 @@ async def test_a_client_that_disconnects_mid_stream_cancels_the_upstream_request
             assert gateway.inflight.count(worker_id) == 1
         # the client went away after the first chunk: the upstream request ends at once
         await gateway.inflight.wait_idle(worker_id)
+        await trio.testing.wait_all_tasks_blocked()  # the app call has ended
     assert worker.counts["POST /v1/chat/completions"] == 1
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("depth", [1_000, 100_000])
+async def test_json_nested_too_deeply_is_a_400_not_a_crash(
+    client: httpx.AsyncClient, depth: int
+) -> None:
+    body = b'{"model": "m", "messages": ' + b"[" * depth + b"]" * depth + b"}"
+    answer = await client.post("/v1/chat/completions", content=body)
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_json")
+    assert "nested too deeply" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_under_a_server_that_cancels_on_disconnect_the_app_starts_no_watcher(
+    gateway: Gateway, start_workers: StartWorkers, stream: bool
+) -> None:
+    [worker] = await start_workers(1, model="m")
+    body = json.dumps({**CHAT, "stream": stream}).encode()
+    received = 0
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        if received > 1:  # only a watcher asks again after the body
+            await trio.sleep_forever()
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    async def fallback(*_: object) -> None:
+        raise AssertionError("not an inference route")
+
+    scope = {
+        "type": "http", "method": "POST", "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions", "headers": [(b"content-type", b"application/json")],
+        "extensions": {CANCEL_ON_DISCONNECT: {}},
+    }  # fmt: skip
+    app = inference_app(gateway, fallback)
+    with trio.fail_after(10):
+        await register(gateway, [worker.port])
+        await app(scope, receive, send)
+    assert received == 1
+    assert sent[0]["status"] == 200
+    assert sent[-1]["more_body"] is False
 
 
 async def test_a_dead_worker_costs_retries_not_errors_and_its_breaker_opens(

@@ -6,8 +6,10 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from actors.metrics import GatewayMetrics
 from actors.service import Gateway
-from tests.conftest import StartWorkers
+from actors.snapshot import RegistrySnapshot
+from tests.conftest import StartWorkers, register
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -43,3 +45,38 @@ async def test_metrics_parse_and_count_workers_by_status_and_registration_outcom
     assert found[("tmg_registration_jobs_total", (("outcome", "failed"),))] == 1
     assert found[("tmg_worker_in_flight", (("worker_id", worker_id),))] == 1
     assert found[("tmg_registry_inbox_depth", ())] == 0
+
+
+async def test_a_removed_worker_leaves_no_series_behind(
+    client: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers
+) -> None:
+    workers = await start_workers(2, model="m")
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with trio.fail_after(20):
+        [kept, removed] = await register(gateway, [w.port for w in workers])
+        for _ in range(6):
+            assert (await client.post("/v1/chat/completions", json=chat)).status_code == 200
+        before = (await client.get("/metrics")).text
+        await gateway.remove_worker(removed)
+        await gateway.wait_removed(removed, 5)
+        after = (await client.get("/metrics")).text
+
+    def series_of(text: str, worker_id: str) -> set[str]:
+        return {
+            sample.name
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.labels.get("worker_id") == worker_id
+        }
+
+    assert "tmg_requests_total" in series_of(before, removed)
+    assert series_of(after, removed) == set()
+    kept_series = ("tmg_requests_total", (("code", "200"), ("model", "m"), ("worker_id", kept)))
+    assert samples(after)[kept_series] == 3
+
+
+def test_an_answer_from_a_worker_removed_meanwhile_creates_no_series() -> None:
+    metrics = GatewayMetrics()
+    metrics.watch(RegistrySnapshot, dict, dict, lambda: 0)  # a registry without workers
+    metrics.count_request("m", "gone", 200)
+    assert b'worker_id="gone"' not in metrics.render()

@@ -8,6 +8,7 @@ servers that never answer.
 
 from __future__ import annotations
 
+import errno
 import re
 import socket
 import ssl
@@ -28,6 +29,7 @@ from actors.upstream import (
     ConnectFailed,
     NoResponse,
     ReadTimedOut,
+    ResourcesExhausted,
     UpstreamError,
     UpstreamLimits,
     UpstreamPool,
@@ -643,6 +645,67 @@ async def test_malformed_responses_are_bad_response(
         await get(pool, server.port)
     assert not caught.value.retryable
     assert pool.idle_count(HOST, server.port) == 0
+
+
+async def test_a_body_framed_both_by_length_and_by_chunks_is_refused_and_its_connection_closed(
+    nursery: trio.Nursery, pool: UpstreamPool
+) -> None:
+    closed = trio.Event()
+    forged = b"HTTP/1.1 200 OK\r\ncontent-length: 17\r\n\r\nSMUGGLED-RESPONSE"
+    body = b"hello" + forged
+    response = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body)
+    )
+    server = await serve(nursery, answer_each(response, closed))
+    with trio.fail_after(5):
+        with pytest.raises(BadResponse, match="both Content-Length and Transfer-Encoding"):
+            await get(pool, server.port)
+        await closed.wait()
+    assert pool.idle_count(HOST, server.port) == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "response", "length"),
+    [
+        (b"GET", OK, 2),
+        (b"GET", CHUNKED_HEAD + b"2\r\nok\r\n0\r\n\r\n", None),
+        (b"GET", b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nto the end", None),
+        (b"GET", b"HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n", 0),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n", 0),
+    ],
+)
+async def test_length_is_the_size_the_head_fixes_for_the_body(
+    nursery: trio.Nursery, pool: UpstreamPool, method: bytes, response: bytes, length: int | None
+) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.request()
+        await peer.send(response)
+        await peer.stream.aclose()
+
+    server = await serve(nursery, handler)
+    with trio.fail_after(5):
+        async with pool.request(HOST, server.port, method, b"/", [], b"") as answer:
+            body = await answer.read()
+    assert answer.length == length
+    assert length is None or len(body) == length
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+async def test_a_connect_failing_for_want_of_file_descriptors_is_resources_exhausted(
+    pool: UpstreamPool, monkeypatch: pytest.MonkeyPatch, grouped: bool
+) -> None:
+    async def out_of_descriptors(host: str, port: int, **_: object) -> trio.SocketStream:
+        error = OSError(errno.EMFILE, "Too many open files")
+        if not grouped:
+            raise error
+        raise OSError("all attempts failed") from ExceptionGroup("all attempts failed", [error])
+
+    monkeypatch.setattr(trio, "open_tcp_stream", out_of_descriptors)
+    with pytest.raises(ResourcesExhausted, match="Too many open files") as caught:
+        await get(pool, 9)
+    assert not caught.value.retryable
+    assert not isinstance(caught.value, ConnectFailed)
 
 
 async def never_answer(peer: Peer) -> None:
