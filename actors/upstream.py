@@ -141,7 +141,7 @@ class _Exchange(AbstractAsyncContextManager[UpstreamResponse]):
         try:
             h.send_with_data_passthrough(self._primer)
             h.send_with_data_passthrough(_EOM)
-            with trio.move_on_after(limits.read_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + limits.read_timeout):
                 try:
                     await conn.stream.send_all(self._data)
                 except trio.BrokenResourceError as exc:

@@ -290,7 +290,7 @@ class UpstreamResponse:
         return bytes(first)  # h11 hands out bytearrays
 
     async def _receive(self, conn: Conn) -> bytes:
-        with trio.move_on_after(self._limits.read_timeout):
+        with trio.CancelScope(deadline=trio.current_time() + self._limits.read_timeout):
             try:
                 # typed bytes | bytearray; h11 takes either
                 return cast(bytes, await conn.stream.receive_some(RECEIVE_SIZE))
