@@ -1,7 +1,7 @@
 """The model gateway as a library: ``async with open_gateway() as gateway: ...``."""
 
-from actors.config import GatewayConfig
-from actors.errors import (
+from actors.core.config import GatewayConfig
+from actors.core.errors import (
     DetectionError,
     GatewayError,
     GatewayStopped,
@@ -18,7 +18,7 @@ from actors.errors import (
     WorkerNotFailed,
     WorkerNotFound,
 )
-from actors.model import (
+from actors.core.model import (
     SPEC_FIELDS,
     HealthConfig,
     JobState,
@@ -30,8 +30,8 @@ from actors.model import (
     WorkerStatus,
     WorkerType,
 )
-from actors.service import Gateway, open_gateway
-from actors.urls import WorkerUrl, parse_worker_url
+from actors.core.urls import WorkerUrl, parse_worker_url
+from actors.registry.service import Gateway, open_gateway
 
 
 def worker_spec(url: str | WorkerUrl, **fields: object) -> WorkerSpec:

@@ -8,8 +8,8 @@ from quart import Response, jsonify
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from actors.errors import GatewayError
-from actors.service import Gateway
+from actors.core.errors import GatewayError
+from actors.registry.service import Gateway
 from api.docs import docs_blueprint
 from api.health import health_blueprint
 from api.render import error_body, render_error

@@ -16,11 +16,11 @@ from typing import Any
 
 import trio
 
-from actors.config import GatewayConfig
-from actors.errors import GatewayError
-from actors.model import WorkerSpec
-from actors.service import Gateway, open_gateway
-from actors.urls import parse_worker_url
+from actors.core.config import GatewayConfig
+from actors.core.errors import GatewayError
+from actors.core.model import WorkerSpec
+from actors.core.urls import parse_worker_url
+from actors.registry.service import Gateway, open_gateway
 from api.serve import SERVERS, serve_api
 
 log = logging.getLogger("tmg")

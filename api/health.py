@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Blueprint, Response, jsonify
 
-from actors.service import Gateway
+from actors.registry.service import Gateway
 
 
 def health_blueprint(gateway: Gateway) -> Blueprint:

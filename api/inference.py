@@ -32,10 +32,10 @@ from typing import Any
 
 import trio
 
-from actors.proxy import LOOP_DETECTED, Headers, ProxyRequest, Refusal
-from actors.routing import RouteRequest
-from actors.service import Gateway
-from actors.upstream import UpstreamError
+from actors.dataplane.proxy import LOOP_DETECTED, Headers, ProxyRequest, Refusal
+from actors.dataplane.routing import RouteRequest
+from actors.dataplane.upstream.pool import UpstreamError
+from actors.registry.service import Gateway
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.model import WorkerStatus, WorkerType
+from actors.core.model import WorkerStatus, WorkerType
 from api.openapi_schemas import JSON, SCHEMAS, _enum, _ref
 
 

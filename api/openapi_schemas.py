@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.model import JobState, JobType, Runtime, WorkerStatus, WorkerType
+from actors.core.model import JobState, JobType, Runtime, WorkerStatus, WorkerType
 
 JSON = "application/json"
 

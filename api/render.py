@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.errors import GatewayError
-from actors.model import JobStatus, Worker
+from actors.core.errors import GatewayError
+from actors.core.model import JobStatus, Worker
 
 
 def render_worker(worker: Worker, *, load: int = 0) -> dict[str, Any]:

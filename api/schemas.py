@@ -2,7 +2,7 @@
 
 Every problem is an InvalidInput naming the field (dotted for nested ones: ``health.timeout_secs``
 or ``labels.zone``). Unknown fields, nested ones included, are refused, never ignored. The rules
-for each field are the values' own (``actors/validation.py``, applied by ``WorkerSpec``,
+for each field are the values' own (``actors/core/validation.py``, applied by ``WorkerSpec``,
 ``HealthConfig`` and ``WorkerPatch`` when constructed), so the API and the library cannot differ.
 
 A body is parsed with limits of its own, each a 400 that names the problem in plain words (never
@@ -16,9 +16,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from actors import validation as check
-from actors.errors import InvalidInput
-from actors.model import PATCH_FIELDS, SPEC_FIELDS, WorkerPatch, WorkerSpec
+from actors.core import validation as check
+from actors.core.errors import InvalidInput
+from actors.core.model import PATCH_FIELDS, SPEC_FIELDS, WorkerPatch, WorkerSpec
 
 MAX_JSON_DEPTH = 32  # levels of objects and arrays in a management body (the top one counts)
 MAX_NUMBER_CHARS = 100  # digits, sign, point and exponent of one JSON number

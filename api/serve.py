@@ -1,7 +1,7 @@
 """serve_api(): run the HTTP API until told to stop; supports nursery.start.
 
-Two servers can carry it: ``http1`` (api/http1.py, the default: built for the proxy's hot path)
-and ``hypercorn`` (the general-purpose ASGI server; about half the proxied throughput here).
+Two servers can carry it: ``http1`` (api/http/server.py, the default: built for the proxy's hot
+path) and ``hypercorn`` (the general-purpose ASGI server; about half the proxied throughput here).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from api.app import create_app
-from api.http1 import ServerLimits, serve_http1
+from api.http.server import ServerLimits, serve_http1
 from api.inference import inference_app
 
 SERVERS = ("http1", "hypercorn")

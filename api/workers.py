@@ -8,10 +8,10 @@ from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
 
-from actors.errors import GatewayError, InvalidInput
-from actors.model import WorkerStatus, WorkerType
-from actors.service import Gateway
-from actors.snapshot import count_stats
+from actors.core.errors import GatewayError, InvalidInput
+from actors.core.model import WorkerStatus, WorkerType
+from actors.core.snapshot import count_stats
+from actors.registry.service import Gateway
 from api.render import error_body, render_accepted, render_worker
 from api.schemas import load_json_object, parse_worker_patch, parse_worker_spec
 

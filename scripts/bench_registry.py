@@ -28,9 +28,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import GatewayConfig, open_gateway, worker_spec
-from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
-from actors.service import Gateway
-from actors.urls import WorkerUrl
+from actors.core.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
+from actors.core.urls import WorkerUrl
+from actors.registry.service import Gateway
 
 MODELS = {"object": "list", "data": [{"id": "bench", "object": "model", "owned_by": "sglang"}]}
 

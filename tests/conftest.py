@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from actors import GatewayConfig, open_gateway, worker_spec
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from api.serve import serve_api
 from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
 

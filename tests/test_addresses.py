@@ -1,4 +1,5 @@
-"""The address rules: which worker addresses the gateway refuses to probe (actors/addresses.py).
+"""The address rules (actors/core/addresses.py): which worker addresses the gateway refuses to
+probe.
 
 The rule is a pure function of the URL and the allowed networks, tested directly. The one test
 through the HTTP API posts only addresses whose packets cannot leave this host (multicast,
@@ -14,10 +15,10 @@ import httpx
 import pytest
 
 from actors import worker_spec
-from actors.addresses import METADATA_NAMES, check_worker_address, parse_networks
-from actors.errors import InvalidInput
-from actors.service import Gateway
-from actors.urls import parse_worker_url
+from actors.core.addresses import METADATA_NAMES, check_worker_address, parse_networks
+from actors.core.errors import InvalidInput
+from actors.core.urls import parse_worker_url
+from actors.registry.service import Gateway
 
 ALLOW_EVERYTHING = ("0.0.0.0/0", "::/0")
 

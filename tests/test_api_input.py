@@ -14,8 +14,8 @@ import pytest
 import trio
 from openapi_spec_validator import validate
 
-from actors.errors import InvalidInput
-from actors.service import Gateway
+from actors.core.errors import InvalidInput
+from actors.registry.service import Gateway
 from api.openapi_schemas import SCHEMAS
 from api.schemas import MAX_JSON_DEPTH, PATCH_FIELDS, SPEC_FIELDS, json_depth, load_json_object
 from api.serve import serve_api

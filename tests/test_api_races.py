@@ -7,8 +7,8 @@ import random
 import httpx
 import trio
 
-from actors.model import WorkerStatus
-from actors.service import Gateway
+from actors.core.model import WorkerStatus
+from actors.registry.service import Gateway
 from tests.conftest import StartWorkers, wait_until
 
 

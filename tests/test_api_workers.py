@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from actors import GatewayConfig, open_gateway
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from api.serve import serve_api
 from tests.conftest import FAST, StartWorkers, wait_until
 

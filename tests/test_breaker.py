@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from actors.breaker import BreakerConfig, BreakerState, CircuitBreakers
+from actors.dataplane.breaker import BreakerConfig, BreakerState, CircuitBreakers
 
 CONFIG = BreakerConfig(failure_threshold=3, cooldown_secs=10.0)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from actors.commands import (
+from actors.core.commands import (
     BeginDrain,
     CreateWorker,
     MarkFailed,
@@ -14,7 +14,7 @@ from actors.commands import (
     ReplaceSpec,
     StartJob,
 )
-from actors.model import (
+from actors.core.model import (
     ConnectionMode,
     Detection,
     JobState,
@@ -23,9 +23,9 @@ from actors.model import (
     WorkerSpec,
     WorkerStatus,
 )
-from actors.persistence import dump_table, restore_table
-from actors.table import WorkerTable
-from actors.urls import parse_worker_url
+from actors.core.persistence import dump_table, restore_table
+from actors.core.table import WorkerTable
+from actors.core.urls import parse_worker_url
 
 
 def spec(address: str, **fields: object) -> WorkerSpec:

@@ -17,10 +17,10 @@ import httpx
 import pytest
 import trio
 
-from actors.detection import Detector, GatewayLoop, probe_http2
-from actors.errors import DetectionError
-from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
-from actors.urls import parse_worker_url
+from actors.core.errors import DetectionError
+from actors.core.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
+from actors.core.urls import parse_worker_url
+from actors.registry.detection import Detector, GatewayLoop, probe_http2
 
 # ---- HTTP workers behind a MockTransport ---------------------------------------------------
 
@@ -563,7 +563,7 @@ async def test_a_bare_address_that_speaks_neither_protocol_fails_naming_both(
 
 
 def test_the_reason_of_an_error_whose_context_chain_loops_is_found_and_terminates() -> None:
-    from actors.detection import _reason
+    from actors.registry.detection import _reason
 
     refused = ConnectionRefusedError(111, "Connection refused")
     group = BaseExceptionGroup("probes", [refused])

@@ -7,7 +7,7 @@ import trio
 import trio.testing
 
 from actors import HealthConfig, open_gateway, worker_spec
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from tests.conftest import FAST, StartWorkers, wait_until
 
 MODELS = {"object": "list", "data": [{"id": "m", "object": "model", "owned_by": "sglang"}]}

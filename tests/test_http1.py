@@ -1,4 +1,4 @@
-"""api/http1.py over real sockets: framing, keep-alive, limits, refusals, shutdown, and a fuzz.
+"""api/http/server.py over real sockets: framing, keep-alive, limits, refusals, shutdown, fuzz.
 
 The client side is raw bytes (so the tests control every byte) parsed back with h11.
 """
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors import open_gateway
-from api.http1 import ServerLimits, serve_http1
+from api.http.server import ServerLimits, serve_http1
 from api.serve import serve_api
 
 Message = dict[str, Any]

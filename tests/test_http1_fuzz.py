@@ -1,7 +1,7 @@
 """The server's framing decisions against a reference parser, on 1,200 generated requests.
 
 The server parses with llhttp (httptools); the reference is h11, an independent parser, with the
-server's documented extra rules (api/http1_parse.py's docstring) applied to its verdict, plus
+server's documented extra rules (api/http/parse.py's docstring) applied to its verdict, plus
 llhttp's own refusal of control characters in header values, which h11 lets through: those only
 ever turn an h11 "accept" into "refuse". Each request goes over a real socket to the real
 server; the app records the body it received. Same verdict, same body length, every time.

@@ -1,4 +1,4 @@
-"""api/http1.py against hostile and careless clients, over real sockets: resets, refusals that
+"""api/http/server.py against hostile and careless clients, over real sockets: resets, refusals that
 must be immediate, the declared Content-Length kept exactly, linear buffering, the write timeout,
 the connection cap with shedding, and cancellation of a request whose client went away."""
 
@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 
-from api.http1 import ServerLimits
-from api.http1_limits import connection_cap, raise_open_file_limit
-from api.http1_parse import RequestParser
+from api.http.limits import connection_cap, raise_open_file_limit
+from api.http.parse import RequestParser
+from api.http.server import ServerLimits
 from tests.test_http1 import App, Receive, Scope, Send, connect, get, serve
 
 CHUNKED = b"Transfer-Encoding: chunked\r\n"

@@ -15,10 +15,10 @@ import trio
 import trio.testing
 
 from actors import worker_spec
-from actors.model import Worker, WorkerStatus
-from actors.proxy import DataPlane, ProxyRequest
-from actors.routing import RouteRequest
-from actors.service import Gateway
+from actors.core.model import Worker, WorkerStatus
+from actors.dataplane.proxy import DataPlane, ProxyRequest
+from actors.dataplane.routing import RouteRequest
+from actors.registry.service import Gateway
 from api.inference import CANCEL_ON_DISCONNECT, inference_app
 from tests.conftest import Open, StartWorkers, register
 

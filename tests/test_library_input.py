@@ -26,8 +26,8 @@ from actors import (
     parse_worker_url,
     worker_spec,
 )
-from actors import validation as check
-from actors.service import Gateway
+from actors.core import validation as check
+from actors.registry.service import Gateway
 from api.schemas import parse_worker_patch, parse_worker_spec
 from tests.conftest import FAST
 
@@ -344,8 +344,8 @@ async def test_a_value_that_is_not_a_spec_is_refused_before_it_reaches_the_regis
             await still_serves(gateway)
 
 
-# These need the one-line guards in actors/service.py (Gateway.update_worker and the worker_id
-# of every write): until they are there, the registry receives the value and crashes.
+# These rely on the guards in Gateway's write methods (actors/registry/service.py): without
+# them the registry would receive the value and crash.
 async def test_a_patch_that_is_not_a_worker_patch_is_refused_and_the_gateway_keeps_running() -> (
     None
 ):

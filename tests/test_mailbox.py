@@ -10,9 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from actors.commands import Ask
-from actors.errors import GatewayStopped, WorkerNotFound
-from actors.mailbox import Envelope, Inbox, ask, refuse_pending
+from actors.core.commands import Ask
+from actors.core.errors import GatewayStopped, WorkerNotFound
+from actors.registry.mailbox import Envelope, Inbox, ask, refuse_pending
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@ import httpx
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.metrics import GatewayMetrics
-from actors.service import Gateway
-from actors.snapshot import RegistrySnapshot
+from actors.core.snapshot import RegistrySnapshot
+from actors.dataplane.metrics import GatewayMetrics
+from actors.registry.service import Gateway
 from tests.conftest import StartWorkers, register
 
 

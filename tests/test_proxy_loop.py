@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from tests.test_proxy_wire import CHAT, start_gateway
 
 

@@ -23,9 +23,9 @@ import pytest
 import trio
 
 from actors import open_gateway, worker_spec
-from actors.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
-from actors.service import Gateway
-from actors.urls import WorkerUrl
+from actors.core.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
+from actors.core.urls import WorkerUrl
+from actors.registry.service import Gateway
 from api.serve import serve_api
 from tests.conftest import FAST, StartWorkers, register
 

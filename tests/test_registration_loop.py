@@ -8,7 +8,7 @@ from functools import partial
 import trio
 
 from actors import open_gateway, worker_spec
-from actors.errors import WorkerFailed
+from actors.core.errors import WorkerFailed
 from api.app import create_app
 from tests.conftest import FAST
 

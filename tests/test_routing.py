@@ -15,16 +15,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.model import Worker, WorkerId, WorkerSpec, WorkerStatus
-from actors.prefix_cache import PrefixTree
-from actors.routing import (
+from actors.core.model import Worker, WorkerId, WorkerSpec, WorkerStatus
+from actors.core.urls import parse_worker_url
+from actors.dataplane.prefix_cache import PrefixTree
+from actors.dataplane.routing import (
     POLICIES,
     RR_SWEEP_EVERY,
     CacheAwareConfig,
     Router,
     RouteRequest,
 )
-from actors.urls import parse_worker_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEM = "You are a helpful assistant. " * 3
@@ -209,7 +209,7 @@ def test_consistent_hash_without_a_session_key_falls_back_to_round_robin() -> No
 def test_consistent_hash_is_the_same_in_every_process() -> None:
     script = (
         "from tests.test_routing import ABC, idle\n"
-        "from actors.routing import Router, RouteRequest\n"
+        "from actors.dataplane.routing import Router, RouteRequest\n"
         "r = Router('consistent_hash')\n"
         "print([r.choose(RouteRequest('m', session_key=f'k{i}'), ABC, idle).id"
         " for i in range(40)])\n"

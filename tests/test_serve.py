@@ -8,7 +8,7 @@ import httpx
 import pytest
 import trio
 
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from api.serve import serve_api
 from tests.conftest import StartWorkers
 

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from actors.commands import (
+from actors.core.commands import (
     BeginDrain,
     CancelJob,
     Command,
@@ -23,7 +23,7 @@ from actors.commands import (
     StartJob,
     UpdateSpec,
 )
-from actors.errors import (
+from actors.core.errors import (
     GatewayError,
     PreconditionFailed,
     RegistryBusy,
@@ -34,7 +34,7 @@ from actors.errors import (
     WorkerNotFailed,
     WorkerNotFound,
 )
-from actors.model import (
+from actors.core.model import (
     ConnectionMode,
     Detection,
     JobState,
@@ -47,8 +47,8 @@ from actors.model import (
     WorkerStatus,
     WorkerType,
 )
-from actors.table import WorkerTable
-from actors.urls import parse_worker_url
+from actors.core.table import WorkerTable
+from actors.core.urls import parse_worker_url
 
 E = TypeVar("E", bound=GatewayError)
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

@@ -17,7 +17,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from actors.commands import (
+from actors.core.commands import (
     BeginDrain,
     CancelJob,
     Command,
@@ -34,7 +34,7 @@ from actors.commands import (
     StartJob,
     UpdateSpec,
 )
-from actors.errors import (
+from actors.core.errors import (
     GatewayError,
     PreconditionFailed,
     RegistryBusy,
@@ -45,7 +45,7 @@ from actors.errors import (
     WorkerNotFailed,
     WorkerNotFound,
 )
-from actors.model import (
+from actors.core.model import (
     ConnectionMode,
     Detection,
     JobState,
@@ -58,8 +58,8 @@ from actors.model import (
     WorkerStatus,
     WorkerType,
 )
-from actors.table import WorkerTable
-from actors.urls import parse_worker_url
+from actors.core.table import WorkerTable
+from actors.core.urls import parse_worker_url
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ADDRESSES = [("a", 1), ("b", 2), ("[::1]", 3), ("10.0.0.7", 80)]

@@ -23,7 +23,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.upstream import (
+from actors.dataplane.upstream.pool import (
     BadResponse,
     BodyTooLarge,
     ConnectFailed,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.errors import InvalidInput, InvalidUrl
-from actors.urls import MAX_URL_BYTES, WorkerUrl, parse_worker_url
+from actors.core.errors import InvalidInput, InvalidUrl
+from actors.core.urls import MAX_URL_BYTES, WorkerUrl, parse_worker_url
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from actors import HealthConfig
-from actors.service import Gateway
+from actors.registry.service import Gateway
 from scripts.fake_worker import FakeWorker
 from tests.conftest import Open, StartWorkers, register, wait_until
 

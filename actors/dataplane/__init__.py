@@ -1,0 +1,3 @@
+"""The data plane: routing policies and their state, circuit breakers, in-flight counts,
+metrics, the proxy, and the upstream connection pool.
+"""

@@ -1,0 +1,298 @@
+"""Routing policies: choose one worker for one request (pure, except the injected randomness).
+
+The data plane owns one ``Router`` and calls ``choose`` for every request. Every policy is
+deterministic given the ``random.Random`` it was handed.
+
+How priority and cost weigh in. A candidate's weight is ``priority / cost``. Candidates with
+priority 0 are dropped whenever any candidate has a priority above 0: priority 0 marks a worker of
+last resort, used only when nothing else can serve. When every candidate has priority 0 they are
+weighed as if at the default priority 50, i.e. by ``50 / cost``. Per policy:
+
+* ``round_robin``: smooth weighted round robin (nginx's), per model: each pick adds every
+  candidate's weight to its current value, picks the highest (ties: higher weight, then lower
+  id) and subtracts the total weight from it. Shares are exactly proportional to weight over a
+  cycle. State is kept per worker id, so a worker that is left out for a call (excluded on a
+  retry, briefly unhealthy) keeps its place; ids not seen for ``RR_SWEEP_EVERY`` calls are dropped.
+* ``random``: a random candidate with probability proportional to weight.
+* ``power_of_two``: two distinct candidates drawn by weight; the lower ``load / weight`` wins
+  (ties: higher weight, then lower id).
+* ``consistent_hash``: a ring per model over the candidates, ``VNODES`` (160) virtual nodes for
+  the default weight 50, scaled linearly by weight (1..``MAX_VNODES``); weights are absolute, so
+  a worker joining or leaving moves only the keys it takes or had. The key is the session key
+  (``x-session-id``, else ``user``); without one, ``round_robin``. Rings are cached per candidate
+  set; a set missing up to ``RING_SKIP`` workers of a cached ring (a retry) walks past them.
+* ``cache_aware``: when the in-flight counts are imbalanced (``max - min`` above
+  ``balance_abs_threshold`` and ``max`` above ``balance_rel_threshold * min``), or there is no
+  prompt, the least loaded candidate (lowest ``load / weight``; ties: higher weight, lower id).
+  Otherwise the candidate that served the longest prefix of the prompt, when that prefix is at
+  least ``cache_threshold`` of the prompt (among several: least loaded, then most recent);
+  else the least loaded. The prompt is then recorded for the chosen worker (``prefix_cache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import struct
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+
+from actors.core.model import Worker, WorkerId
+from actors.dataplane.prefix_cache import PrefixTree
+
+POLICIES = ("round_robin", "random", "power_of_two", "consistent_hash", "cache_aware")
+DEFAULT_PRIORITY = 50  # the weight of an all-priority-0 set is DEFAULT_PRIORITY / cost
+MIN_COST = 1e-6  # keeps every weight finite
+REFERENCE_WEIGHT = 50.0  # priority 50 at cost 1.0 gets VNODES virtual nodes
+VNODES = 160
+MAX_VNODES = 16 * VNODES
+RINGS_PER_MODEL = 4
+RING_SKIP = 2  # a cached ring with up to this many extra workers serves a smaller set
+RR_SWEEP_EVERY = 256
+
+Load = Callable[[WorkerId], int]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    model: str
+    session_key: str | None = None  # the x-session-id header, else the body's "user"
+    prompt: str | None = None  # text for cache_aware (chat: the contents joined; else the prompt)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheAwareConfig:
+    cache_threshold: float = 0.5  # matched prefix / prompt length needed to follow the cache
+    balance_abs_threshold: int = 32
+    balance_rel_threshold: float = 1.5
+    max_chars_per_model: int = 2_000_000  # characters of prompts remembered per model
+
+    def __post_init__(self) -> None:
+        if not (
+            0.0 <= self.cache_threshold <= 1.0
+            and self.balance_abs_threshold >= 0
+            and self.balance_rel_threshold >= 1.0
+            and self.max_chars_per_model >= 1
+        ):
+            raise ValueError(f"out of range: {self}")
+
+
+def _hash64(text: str) -> int:
+    """A stable 64-bit hash (the same in every process, unlike ``hash()``)."""
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def vnodes_for(weight: float) -> int:
+    return max(1, round(VNODES * min(weight / REFERENCE_WEIGHT, MAX_VNODES / VNODES)))
+
+
+class HashRing:
+    """Virtual nodes of a set of ``(worker id, weight)``, sorted by their point on a 64-bit
+    circle. A worker's points are the first ``vnodes_for(weight)`` 8-byte words of the SHAKE-128
+    stream of its id, so they depend on nothing else (and a higher weight only adds points)."""
+
+    __slots__ = ("members", "owners", "points")
+
+    def __init__(self, members: frozenset[tuple[WorkerId, float]]) -> None:
+        pairs: list[tuple[int, WorkerId]] = []
+        for wid, weight in members:
+            n = vnodes_for(weight)
+            stream = hashlib.shake_128(wid.encode("utf-8", "surrogatepass")).digest(8 * n)
+            pairs.extend(zip(struct.unpack(f">{n}Q", stream), repeat(wid, n), strict=True))
+        pairs.sort()
+        self.members = members
+        self.points = [point for point, _ in pairs]
+        self.owners = [owner for _, owner in pairs]
+
+    def owner(self, key: str, allowed: Container[WorkerId] | None = None) -> WorkerId:
+        """The worker of the first virtual node clockwise from the key's point; with
+        ``allowed``, the first one allowed (the answer of a ring without the others)."""
+        owners, start = self.owners, bisect_right(self.points, _hash64(key))
+        for i in range(start, start + len(owners)):
+            owner = owners[i % len(owners)]
+            if allowed is None or owner in allowed:
+                return owner
+        raise ValueError("no allowed worker on the ring")
+
+
+def _least_loaded(
+    workers: list[Worker], weights: list[float], loads: list[int], recent: dict[WorkerId, int]
+) -> int:
+    """The index of the lowest load / weight among ``recent`` (among all when it is empty);
+    ties: the most recent in ``recent``, then higher weight, then lower id."""
+    best, best_rank = -1, (0.0, 0, 0.0, "")
+    for i, worker in enumerate(workers):
+        tick = recent.get(worker.id, -1) if recent else 0
+        rank = (loads[i] / weights[i], -tick, -weights[i], worker.id)
+        if tick >= 0 and (best < 0 or rank < best_rank):
+            best, best_rank = i, rank
+    return best
+
+
+def _weighed(candidates: Sequence[Worker]) -> tuple[list[Worker], list[float]]:
+    workers = [w for w in candidates if w.spec.priority > 0]
+    if workers:
+        return workers, [w.spec.priority / max(w.spec.cost, MIN_COST) for w in workers]
+    workers = list(candidates)
+    return workers, [DEFAULT_PRIORITY / max(w.spec.cost, MIN_COST) for w in workers]
+
+
+def _draw(rng: random.Random, weights: list[float], total: float, skip: int = -1) -> int:
+    """An index drawn with probability proportional to weight, never ``skip``."""
+    r = rng.random() * total
+    for i, weight in enumerate(weights):
+        if i != skip:
+            r -= weight
+            if r < 0:
+                return i
+    return len(weights) - (2 if skip == len(weights) - 1 else 1)  # rounding left r at ~0
+
+
+def _known(policy: str) -> str:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown routing policy {policy!r}; expected one of {POLICIES}")
+    return policy
+
+
+class _SmoothRoundRobin:
+    __slots__ = ("calls", "slots")
+
+    def __init__(self) -> None:
+        self.slots: dict[WorkerId, list[float]] = {}  # id -> [current value, call last seen]
+        self.calls = 0
+
+    def pick(self, workers: list[Worker], weights: list[float]) -> Worker:
+        self.calls += 1
+        calls, slots = self.calls, self.slots
+        best, best_slot, best_rank = workers[0], [0.0, 0.0], (0.0, 0.0, "")
+        for worker, weight in zip(workers, weights, strict=True):
+            slot = slots.get(worker.id)
+            if slot is None:
+                slot = slots[worker.id] = [0.0, 0.0]
+            slot[0] += weight
+            slot[1] = calls
+            rank = (-slot[0], -weight, worker.id)  # the highest value, higher weight, lower id
+            if rank < best_rank or best_slot[1] != calls:
+                best, best_slot, best_rank = worker, slot, rank
+        best_slot[0] -= sum(weights)
+        if calls % RR_SWEEP_EVERY == 0:
+            for wid in [w for w, slot in slots.items() if slot[1] <= calls - RR_SWEEP_EVERY]:
+                del slots[wid]
+        return best
+
+
+class Router:
+    """Chooses a worker for a request. Holds the policies' small mutable state (round-robin
+    positions, cached hash rings, prefix trees). Owned by the data plane; used synchronously."""
+
+    def __init__(
+        self,
+        policy: str = "round_robin",
+        *,
+        rng: random.Random | None = None,
+        cache: CacheAwareConfig | None = None,
+    ) -> None:
+        self.policy = _known(policy)
+        self.rng = rng if rng is not None else random.Random()
+        self.cache = cache if cache is not None else CacheAwareConfig()
+        self._rr: dict[str, _SmoothRoundRobin] = {}
+        self._rings: dict[str, OrderedDict[frozenset[tuple[WorkerId, float]], HashRing]] = {}
+        self._trees: dict[str, PrefixTree] = {}
+
+    def choose(
+        self,
+        request: RouteRequest,
+        candidates: Sequence[Worker],
+        load: Load,
+        *,
+        policy: str | None = None,
+    ) -> Worker:
+        """The worker for ``request``; ``policy`` overrides the default for this request."""
+        name = self.policy if policy is None else _known(policy)
+        if not candidates:
+            raise ValueError("no candidates to choose from")
+        workers, weights = _weighed(candidates)
+        if name == "cache_aware":
+            return self._cache_aware(request, workers, weights, load)
+        if len(workers) == 1:
+            return workers[0]
+        if name == "random":
+            return workers[_draw(self.rng, weights, sum(weights))]
+        if name == "power_of_two":
+            return self._power_of_two(workers, weights, load)
+        if name == "consistent_hash" and request.session_key:
+            return self._consistent_hash(request.model, request.session_key, workers, weights)
+        return self._round_robin(request.model, workers, weights)  # also consistent_hash, no key
+
+    def forget(self, worker_id: WorkerId) -> None:
+        """A worker left: drop its round-robin slot, the rings it is on and its cached prompts."""
+        for rr in self._rr.values():
+            rr.slots.pop(worker_id, None)
+        for rings in self._rings.values():
+            for members in [m for m in rings if any(wid == worker_id for wid, _ in m)]:
+                del rings[members]
+        for tree in self._trees.values():
+            tree.forget(worker_id)
+
+    def cache_size(self, model: str) -> int:
+        """The size of what cache_aware remembers for ``model`` (see ``PrefixTree.size``)."""
+        tree = self._trees.get(model)
+        return tree.size if tree is not None else 0
+
+    def _round_robin(self, model: str, workers: list[Worker], weights: list[float]) -> Worker:
+        rr = self._rr.get(model)
+        if rr is None:
+            rr = self._rr[model] = _SmoothRoundRobin()
+        return rr.pick(workers, weights)
+
+    def _power_of_two(self, workers: list[Worker], weights: list[float], load: Load) -> Worker:
+        total = sum(weights)
+        i = _draw(self.rng, weights, total)
+        j = _draw(self.rng, weights, total - weights[i], skip=i)
+        a, b = workers[i], workers[j]
+        rank_a = (load(a.id) / weights[i], -weights[i], a.id)
+        return a if rank_a < (load(b.id) / weights[j], -weights[j], b.id) else b
+
+    def _consistent_hash(
+        self, model: str, key: str, workers: list[Worker], weights: list[float]
+    ) -> Worker:
+        members = frozenset(zip([w.id for w in workers], weights, strict=True))
+        rings = self._rings.setdefault(model, OrderedDict())
+        ring, allowed = rings.get(members), None
+        if ring is None:  # a ring with a few more workers (e.g. those tried) answers the same
+            allowed = {w.id for w in workers}
+            extra = [r for r in rings.values() if members < r.members]
+            ring = next((r for r in extra if len(r.members) - len(members) <= RING_SKIP), None)
+        if ring is None:
+            ring = rings[members] = HashRing(members)
+            if len(rings) > RINGS_PER_MODEL:
+                rings.popitem(last=False)
+        rings.move_to_end(ring.members)
+        owner = ring.owner(key, allowed)
+        return next(w for w in workers if w.id == owner)
+
+    def _cache_aware(
+        self, request: RouteRequest, workers: list[Worker], weights: list[float], load: Load
+    ) -> Worker:
+        prompt, config = request.prompt, self.cache
+        loads = [load(w.id) for w in workers]
+        low, high = min(loads), max(loads)
+        imbalanced = (
+            high - low > config.balance_abs_threshold and high > config.balance_rel_threshold * low
+        )
+        tree = self._trees.get(request.model)
+        hits: dict[WorkerId, int] = {}
+        if prompt and not imbalanced and tree is not None and len(workers) > 1:
+            length, hits = tree.match(prompt, [w.id for w in workers])
+            if length < config.cache_threshold * len(prompt):
+                hits = {}
+        best = _least_loaded(workers, weights, loads, hits)
+        if prompt:
+            if tree is None:
+                tree = self._trees[request.model] = PrefixTree(config.max_chars_per_model)
+            tree.record(prompt, workers[best].id)
+        return workers[best]

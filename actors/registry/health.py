@@ -1,0 +1,101 @@
+"""run_health_checker(): active health checks of ready workers.
+
+A supervisor follows the published snapshots (at most every ``COALESCE_SECS``, so a burst of
+registrations costs one pass) and keeps one probing task per READY worker whose
+``health.disable`` is false (restarted when its health settings change, stopped when the worker
+leaves READY). Each task probes every ``check_interval_secs`` (HTTP ``GET /health``, or the HTTP/2
+preface for a gRPC worker), counts consecutive results, and when ``failure_threshold`` failures
+or ``success_threshold`` successes flip the worker's health, asks the registry (``SetHealth``):
+the result goes through the registry actor like every other mutation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import trio
+
+from actors.core.commands import SetHealth
+from actors.core.errors import GatewayStopped, RegistryError
+from actors.core.model import HealthConfig, Worker, WorkerId, WorkerStatus
+from actors.core.snapshot import RegistrySnapshot
+from actors.registry.detection import Probe
+from actors.registry.mailbox import Outbox, ask
+
+log = logging.getLogger("tmg.health")
+COALESCE_SECS = 0.05  # a worker is looked at once it has been ready this long (probes come later)
+
+
+@dataclass(slots=True)
+class _Probing:
+    health: HealthConfig
+    scope: trio.CancelScope
+
+
+async def run_health_checker(
+    registry: Outbox,
+    prober: Probe,
+    current: Callable[[], RegistrySnapshot],
+    changed: Callable[[], Awaitable[None]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    probing: dict[WorkerId, _Probing] = {}
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            snapshot = current()
+            wanted = {
+                worker.id: worker
+                for worker in snapshot.workers.values()
+                if worker.status is WorkerStatus.READY and not worker.spec.health.disable
+            }
+            for worker_id in list(probing):
+                entry = probing[worker_id]
+                worker = wanted.get(worker_id)
+                if worker is None or worker.spec.health != entry.health:
+                    entry.scope.cancel()
+                    del probing[worker_id]
+            for worker_id, worker in wanted.items():
+                if worker_id not in probing:
+                    scope = trio.CancelScope()
+                    probing[worker_id] = _Probing(worker.spec.health, scope)
+                    nursery.start_soon(_probe_forever, registry, prober, current, worker, scope)
+            await changed()
+            await trio.sleep(COALESCE_SECS)  # under churn, one pass covers many changes
+
+
+async def _probe_forever(
+    registry: Outbox,
+    prober: Probe,
+    current: Callable[[], RegistrySnapshot],
+    worker: Worker,
+    scope: trio.CancelScope,
+) -> None:
+    health = worker.spec.health
+    healthy = worker.is_healthy
+    streak = 0  # consecutive results that disagree with ``healthy``
+    with scope:
+        while True:
+            await trio.sleep(health.check_interval_secs)
+            latest = current().get(worker.id)
+            if latest is None:
+                return
+            reason: str | None = f"no answer within {health.timeout_secs:g} s"
+            with trio.move_on_after(health.timeout_secs):
+                reason = await prober.check_health(latest.spec, latest.url)
+            ok = reason is None
+            streak = 0 if ok == healthy else streak + 1
+            if streak < (health.success_threshold if not healthy else health.failure_threshold):
+                continue
+            healthy, streak = ok, 0
+            if ok:
+                log.info("worker %s is healthy again", worker.id)
+            else:
+                log.warning("worker %s is unhealthy: %s", worker.id, reason)
+            try:
+                await ask(registry, SetHealth(worker_id=worker.id, healthy=healthy))
+            except (RegistryError, GatewayStopped):
+                return  # removed or no longer ready: the supervisor stops this task anyway
