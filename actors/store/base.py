@@ -1,0 +1,182 @@
+"""The store interface: what the registry keeps outside its process, and the values it trades.
+
+A store holds three things: every worker as plain JSON-able data (``codec.worker_to_plain``),
+the worker-id source's state (its fixed random prefix and a high-water mark of its counter) and
+the next job id. The registry actor owns a ``WorkerTable``; after applying a batch of commands
+it hands the store one ``Batch`` with only what that batch changed, the store writes it as one
+transaction (group commit), and only then does the actor publish its snapshot and answer:
+
+    apply commands → Batch(upserts, deletes, counters) → store.commit(batch) → publish → replies
+
+so an answer a client received is never lost, and nothing is published that is not stored.
+
+Every method of ``Store`` is plain, synchronous and may block (file or network I/O). The actor
+never calls them on the event loop: ``actors.store.writer`` runs them in one dedicated thread.
+
+Counters are reserved ahead of use (``Reservation``): the store keeps a mark at or above every
+value that may have been handed out, moved in blocks (1,000 by default), so a restart continues
+past every id ever used without every create writing the mark. Nothing a batch hands out leaves
+the actor before that batch's commit returns, so persisting the mark in the same transaction as
+the batch is already enough for correctness; the block only saves the extra meta-row write (one
+more page in the WAL) on nearly every commit. A restart skips what was left of the block: at
+most 1,000 ids per restart out of a 48-bit counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+WorkerId = str  # as in actors.core.model, not imported: the store needs none of the core
+PlainWorker = Mapping[str, Any]
+"""A worker as ``codec.worker_to_plain`` gives it: JSON-able, carries ``id``, ``spec.url`` and
+``spec_version`` (the only fields a store reads; the rest is kept as it is)."""
+
+
+class StoreError(Exception):
+    """The store cannot be used: ``path`` is the state file (or the store's address) and
+    ``found`` says what was found there, in words an operator can act on."""
+
+    def __init__(self, path: str | Path, found: str) -> None:
+        super().__init__(f"state file {path}: {found}")
+        self.path = str(path)
+        self.found = found
+
+
+class StoreInUse(StoreError):
+    """Another gateway holds the state file (``holder_pid`` is None if it could not be read)."""
+
+    def __init__(self, path: str | Path, lock_path: str | Path, holder_pid: int | None) -> None:
+        holder = "pid unknown" if holder_pid is None else f"pid {holder_pid}"
+        super().__init__(path, f"in use by another gateway ({holder}; lock held on {lock_path})")
+        self.lock_path = str(lock_path)
+        self.holder_pid = holder_pid
+
+
+@dataclass(frozen=True, slots=True)
+class StoredState:
+    """Everything ``load()`` gives back.
+
+    ``id_high_water``: every worker-id counter value ever handed out is at or below it; the
+    id source restarts with its counter at this value (the next id is ``id_high_water + 1``)
+    and with ``id_prefix`` (None: nothing was ever stored, pick a fresh prefix and store it).
+    ``next_job_id``: every job id ever handed out is below it; the table restarts from it.
+    ``schema_version``: the file's schema version after any migration (None: no schema, the
+    in-memory store)."""
+
+    workers: dict[WorkerId, dict[str, Any]]
+    id_prefix: str | None = None
+    id_high_water: int = 0
+    next_job_id: int = 1
+    schema_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The changes of one batch of commands, written as one transaction.
+
+    ``upserts``: worker id -> the worker's whole plain data after the batch (a changed worker
+    is one row, written whole). ``deletes``: ids of workers that are gone (deleting an id the
+    store does not hold is harmless). An id is in at most one of the two. ``id_prefix``,
+    ``id_high_water``, ``next_job_id``: the new values to keep, or None when unchanged (see
+    ``Reservation``); a store writes a counter only when it differs from what it holds."""
+
+    upserts: Mapping[WorkerId, PlainWorker] = field(default_factory=dict)
+    deletes: Collection[WorkerId] = ()
+    id_prefix: str | None = None
+    id_high_water: int | None = None
+    next_job_id: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return (
+            not self.upserts
+            and not self.deletes
+            and self.id_prefix is None
+            and self.id_high_water is None
+            and self.next_job_id is None
+        )
+
+
+class Store(Protocol):
+    """What the registry needs from a store. Methods are synchronous and may block.
+
+    ``blocking``: True when the calls do I/O, so the writer runs them in its thread; False
+    (the in-memory store) lets it call them inline, as they take microseconds.
+
+    ``commit`` writes all of a batch or nothing. If it raises ``StoreError`` (the store
+    refused: disk full, I/O error, a lock), nothing of the batch is stored: the registry takes
+    the batch back from its table, publishes nothing of it and answers its asks 503
+    (``StoreUnavailable``), and carries on. Any other exception is a bug and stops the gateway.
+    ``close`` releases the store (file lock, connection); it is idempotent."""
+
+    @property
+    def blocking(self) -> bool: ...
+
+    def load(self) -> StoredState: ...
+
+    def commit(self, batch: Batch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Reservation:
+    """Keeps a persisted mark at or above a counter, moving it in blocks.
+
+    ``advance(value)`` is called with the highest value that may be handed out once the batch
+    is answered (the id source's counter; the table's ``next_job_id``, which over-covers by one
+    and is harmless). It returns the new mark to put in the batch, or None when the persisted
+    one already covers ``value``. The mark only grows."""
+
+    def __init__(self, mark: int, block: int = 1000) -> None:
+        if block < 1:
+            raise ValueError("block must be at least 1")
+        self.mark = mark
+        self.block = block
+
+    def advance(self, value: int) -> int | None:
+        if value <= self.mark:
+            return None
+        self.mark = value + self.block
+        return self.mark
+
+
+def identity_key(plain: PlainWorker) -> str:
+    """The worker's identity key (``host:port``) from its plain data. ``spec.url`` is the
+    canonical text (``WorkerUrl.text``: ``scheme://host:port`` or bare ``host:port``), whose
+    netloc is the key, so no re-parsing is needed."""
+    url: str = plain["spec"]["url"]
+    _, sep, netloc = url.partition("://")
+    return netloc if sep else url
+
+
+def validate_batch(batch: Batch) -> None:
+    """Cheap shape checks (O(changed rows)); a failure is a bug in the caller: ValueError."""
+    for worker_id, plain in batch.upserts.items():
+        if not isinstance(worker_id, str) or not isinstance(plain, Mapping):
+            raise ValueError(f"upsert {worker_id!r}: expected a str id and plain worker data")
+        if plain.get("id") != worker_id:
+            raise ValueError(f"upsert {worker_id!r}: its data carries id {plain.get('id')!r}")
+        spec = plain.get("spec")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("url"), str):
+            raise ValueError(f"upsert {worker_id!r}: no spec.url")
+        version = plain.get("spec_version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"upsert {worker_id!r}: spec_version is not an int")
+    for worker_id in batch.deletes:
+        if not isinstance(worker_id, str):
+            raise ValueError(f"delete {worker_id!r}: expected a str id")
+        if worker_id in batch.upserts:
+            raise ValueError(f"worker {worker_id!r} is both upserted and deleted")
+    if batch.id_prefix is not None and (
+        not isinstance(batch.id_prefix, str) or not batch.id_prefix
+    ):
+        raise ValueError("id_prefix must be a non-empty string")
+    for name in ("id_high_water", "next_job_id"):
+        value = getattr(batch, name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 0
+        ):
+            raise ValueError(f"{name} must be an int >= 0, not {value!r}")
