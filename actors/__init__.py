@@ -31,7 +31,9 @@ from actors.core.model import (
     WorkerType,
 )
 from actors.core.urls import WorkerUrl, parse_worker_url
+from actors.registry.registry import StoreUnavailable
 from actors.registry.service import Gateway, open_gateway
+from actors.store import MemoryStore, SqliteStore, Store, StoreError, StoreInUse
 
 
 def worker_spec(url: str | WorkerUrl, **fields: object) -> WorkerSpec:
@@ -55,11 +57,17 @@ __all__ = [
     "InvalidUrl",
     "JobState",
     "JobType",
+    "MemoryStore",
     "PreconditionFailed",
     "RegistryBusy",
     "RegistryError",
     "RegistryTimeout",
     "Runtime",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "StoreInUse",
+    "StoreUnavailable",
     "UrlMismatch",
     "Worker",
     "WorkerAlreadyExists",

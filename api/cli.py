@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import ipaddress
 import json
 import logging
@@ -10,26 +11,29 @@ import os
 import signal
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
+from typing import Any, get_origin, get_type_hints
 
 import trio
 
-from actors.core.config import GatewayConfig
-from actors.core.errors import GatewayError
+from actors.core.config import FLAG, GatewayConfig
+from actors.core.errors import GatewayError, WorkerAlreadyExists
 from actors.core.model import WorkerSpec
 from actors.core.urls import parse_worker_url
 from actors.registry.service import Gateway, open_gateway
+from actors.store import StoreError
+from api.http.limits import ServerLimits
 from api.serve import SERVERS, serve_api
 
 log = logging.getLogger("tmg")
 ADMIN_KEY_ENV = "TMG_ADMIN_API_KEY"
-POLICIES = ("round_robin", "random", "power_of_two", "consistent_hash", "cache_aware")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The top-level parser and its ``serve`` sub-parser."""
+    """The top-level parser and its ``serve`` sub-parser: the server's own options here, then
+    one per GatewayConfig field marked with ``flag(...)`` (actors/core/config.py)."""
     parser = argparse.ArgumentParser(prog="tmg", description="A model gateway built on trio.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser(
@@ -47,32 +51,29 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="URL",
         help="register this worker at start (repeatable)",
     )
-    add("--policy", choices=POLICIES, default="round_robin", help="default routing policy")
     add(
         "--server",
         choices=SERVERS,
-        default="http1",
+        default=_parameter_default(serve_api, "server"),
         help="HTTP server: http1 (built for the proxy's hot path) or hypercorn",
     )
-    add(
-        "--max-connections",
-        type=int,
-        default=None,
-        help="http1 server: client connections held at once (default: from the open-file limit; "
-        "when full the oldest idle one is closed)",
-    )
-    add(
-        "--write-timeout-secs",
-        type=float,
-        default=30.0,
-        help="http1 server: a client that reads nothing of its answer for this long is dropped",
-    )
-    add(
-        "--retries",
-        type=int,
-        default=2,
-        help="a failed inference request is retried on up to this many other workers",
-    )
+    for flag, kind, limit, text in (  # the http1 server's limits: defaults from ServerLimits
+        (
+            "--max-connections",
+            int,
+            "max_connections",
+            "client connections held at once (None: from the open-file limit; when full the "
+            "oldest idle one is closed)",
+        ),
+        (
+            "--write-timeout-secs",
+            float,
+            "write_timeout",
+            "a client that reads nothing of its answer for this long is dropped",
+        ),
+    ):
+        default = _field_default(ServerLimits, limit)
+        add(flag, type=kind, default=default, help=f"http1 server: {text}")
     add(
         "--admin-api-key",
         default=None,
@@ -83,51 +84,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         action="store_true",
         help="allow a non-loopback bind without an admin key",
     )
-    add("--registration-concurrency", type=int, default=8, help="registrations detected at once")
-    add(
-        "--registration-queue-size",
-        type=int,
-        default=1024,
-        help="registrations waiting; beyond it POST /workers answers 503",
-    )
-    add("--max-connection-attempts", type=int, default=20, help="default per worker")
-    add("--registration-timeout-secs", type=float, default=60.0, help="default per worker")
-    add(
-        "--recheck-interval-secs",
-        type=float,
-        default=30.0,
-        help="default re-probe interval of a failed worker (0: off)",
-    )
-    add("--drain-timeout-secs", type=float, default=30.0, help="default per worker")
-    add(
-        "--upstream-connect-timeout-secs",
-        type=float,
-        default=5.0,
-        help="time to connect to a worker before trying another",
-    )
-    add(
-        "--upstream-read-timeout-secs",
-        type=float,
-        default=300.0,
-        help="time a worker may take to start its answer, and between two pieces of a stream",
-    )
-    add(
-        "--allow-network",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        help="allow worker addresses in this network although the address rules refuse it "
-        "(link-local, metadata, ...); repeatable",
-    )
-    add("--state", default=":memory:", help="durable registry file (:memory: keeps none)")
+    for option in config_options():
+        add(f"--{option.name}", **option.keywords)
     add(
         "--config",
         default=None,
         metavar="FILE",
         help="TOML file whose keys are these options (underscored); flags override it",
     )
-    add("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    add("--log-format", default="text", choices=("text", "json"))
+    add("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log")
+    add("--log-format", default="text", choices=("text", "json"), help="log line format")
     add(
         "--shutdown-grace-secs",
         type=float,
@@ -135,6 +101,52 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         help="time in-flight requests get to finish on shutdown",
     )
     return parser, serve
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigOption:
+    """A GatewayConfig field as a ``tmg serve`` option: ``--<name>``, read into ``dest``."""
+
+    field: str
+    name: str
+    keywords: dict[str, Any]  # add_argument's: type or action, default, help...
+
+    @property
+    def dest(self) -> str:
+        return self.name.replace("-", "_")
+
+    def value(self, args: argparse.Namespace) -> Any:
+        """The field's value from the parsed options (a repeated option is a tuple)."""
+        value = getattr(args, self.dest)
+        return tuple(value) if isinstance(value, list) else value
+
+
+def config_options() -> list[ConfigOption]:
+    """Every GatewayConfig field marked with ``flag(...)``, in field order."""
+    types = get_type_hints(GatewayConfig)
+    options = []
+    for field in fields(GatewayConfig):
+        if (spec := field.metadata.get(FLAG)) is None:
+            continue
+        keywords: dict[str, Any] = {"help": spec["help"], "default": field.default}
+        if types[field.name] in (int, float):
+            keywords["type"] = types[field.name]
+        if get_origin(types[field.name]) is tuple:  # repeatable: given once per item
+            assert isinstance(field.default, tuple)
+            keywords.update(action="append", default=list(field.default))
+        keywords.update((k, spec[k]) for k in ("metavar", "choices") if spec[k] is not None)
+        name = spec["name"] or field.name.replace("_", "-")
+        options.append(ConfigOption(field.name, name, keywords))
+    return options
+
+
+def _field_default(cls: type, name: str) -> Any:
+    [found] = [f for f in fields(cls) if f.name == name]
+    return found.default
+
+
+def _parameter_default(function: Callable[..., object], name: str) -> Any:
+    return inspect.signature(function).parameters[name].default
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -175,7 +187,7 @@ def _config_value_problem(key: str, value: object, action: argparse.Action) -> s
     """Why a TOML value cannot stand for this option, or None: the same types the flag takes."""
     if isinstance(action, argparse._AppendAction):
         if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-            return f"{key} must be a list of strings, such as {key} = [\"...\"]"
+            return f'{key} must be a list of strings, such as {key} = ["..."]'
         return None
     if isinstance(action, argparse._StoreTrueAction):
         return None if isinstance(value, bool) else f"{key} must be true or false"
@@ -196,8 +208,6 @@ def _check(args: argparse.Namespace) -> list[str]:
     problems = []
     if not 0 <= args.port <= 65535:
         problems.append(f"--port {args.port} is outside 0..65535")
-    if args.state != ":memory:":
-        problems.append("--state: only :memory: is supported in this version")
     try:
         config = GatewayConfig(**_config_fields(args))
     except ValueError as error:
@@ -231,19 +241,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "registration_concurrency": args.registration_concurrency,
-        "registration_queue_size": args.registration_queue_size,
-        "max_connection_attempts": args.max_connection_attempts,
-        "registration_timeout_secs": args.registration_timeout_secs,
-        "recheck_interval_secs": args.recheck_interval_secs,
-        "drain_timeout_secs": args.drain_timeout_secs,
-        "policy": args.policy,
-        "retries": args.retries,
-        "upstream_connect_timeout_secs": args.upstream_connect_timeout_secs,
-        "upstream_read_timeout_secs": args.upstream_read_timeout_secs,
-        "allowed_networks": tuple(args.allow_network),
-    }
+    return {option.field: option.value(args) for option in config_options()}
 
 
 class _JsonFormatter(logging.Formatter):
@@ -299,6 +297,9 @@ async def _register_initial(gateway: Gateway, urls: Sequence[str]) -> None:
     for url in urls:
         try:
             worker = await gateway.add_worker(WorkerSpec(url=parse_worker_url(url)))
+        except WorkerAlreadyExists as error:  # kept in the state file from an earlier run
+            log.info("--worker-url %s is registered already as %s", url, error.worker_id)
+            continue
         except GatewayError as error:
             log.error("--worker-url %s: %s", url, error.message)
             continue
@@ -317,7 +318,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
     if args.command == "serve":
-        trio.run(serve_main, args)
+        try:
+            trio.run(serve_main, args)
+        except StoreError as error:  # the state file cannot be used: say why, no traceback
+            print(f"tmg serve: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from actors.dataplane.proxy import LOOP_DETECTED, Headers, ProxyRequest, Refusal
-from actors.dataplane.routing import RouteRequest
+from actors.dataplane.requests import ROUTES, BadInferenceRequest, parse_body, route_for
 from actors.dataplane.upstream.pool import UpstreamError
 from actors.registry.service import Gateway
 
@@ -43,7 +43,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-POST_ROUTES = frozenset(("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate"))
 MAX_BODY_BYTES = 32 * 1024 * 1024
 MAX_HOPS = 8  # gateways a request may already have passed through
 CANCEL_ON_DISCONNECT = "tmg.cancel_on_disconnect"  # the server cancels the app call itself
@@ -57,20 +56,20 @@ def inference_app(gateway: Gateway, fallback: ASGIApp) -> ASGIApp:
 class _InferenceApp:
     """The ASGI app; what every request needs is computed once, here."""
 
-    __slots__ = ("_dataplane", "_fallback", "_gateway", "_id", "_json", "_wants_prompt")
+    __slots__ = ("_fallback", "_forward_request", "_gateway", "_id", "_json", "_wants_prompt")
 
     def __init__(self, gateway: Gateway, fallback: ASGIApp) -> None:
         self._gateway = gateway
         self._fallback = fallback
-        self._dataplane = gateway.dataplane
-        self._wants_prompt = gateway.dataplane.router.policy == "cache_aware"
+        self._forward_request = gateway.forward
+        self._wants_prompt = gateway.config.policy == "cache_aware"
         self._id = gateway.config.instance_id.encode("ascii")
         self._json: Headers = [(b"content-type", b"application/json"), (b"x-tmg-gateway", self._id)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if path in POST_ROUTES:
+            if path in ROUTES:
                 if scope["method"] != "POST":
                     return await self._error(send, 405, "method_not_allowed", f"use POST {path}")
                 return await self._proxy(scope, receive, send)
@@ -92,11 +91,11 @@ class _InferenceApp:
         else:
             hops = via.split(b",")
             if len(hops) > MAX_HOPS or any(hop.strip() == self._id for hop in hops):
-                return await self._error(
-                    send, LOOP_DETECTED, "loop_detected",
+                message = (
                     "the request has already passed through this gateway "
-                    f"or through more than {MAX_HOPS} gateways (x-tmg-via)",
-                )  # fmt: skip
+                    f"or through more than {MAX_HOPS} gateways (x-tmg-via)"
+                )
+                return await self._error(send, LOOP_DETECTED, "loop_detected", message)
             via += b", " + self._id
         body = await _read_body(receive)
         if body is None:
@@ -104,26 +103,10 @@ class _InferenceApp:
                 send, 413, "request_too_large", f"the body is over {MAX_BODY_BYTES} bytes"
             )
         try:
-            data = json.loads(body)
-        except ValueError:
-            return await self._error(send, 400, "invalid_json", "the body is not valid JSON")
-        except RecursionError:  # the depth limit: see the module docstring
-            return await self._error(send, 400, "invalid_json", "the body is nested too deeply")
-        if not isinstance(data, dict):
-            return await self._error(send, 400, "invalid_json", "the body must be a JSON object")
-        model = data.get("model")
-        if not isinstance(model, str) or not model:
-            message = (
-                "'model' is required" if model is None else "'model' must be a non-empty string"
-            )
-            return await self._error(
-                send, 400, "missing_required_parameter", message, param="model"
-            )
-        if session is None and isinstance(user := data.get("user"), str):
-            session = user
-        route = RouteRequest(
-            model=model, session_key=session, prompt=_prompt(data) if self._wants_prompt else None
-        )
+            data = parse_body(body)
+            route = route_for(data, session_key=session, wants_prompt=self._wants_prompt)
+        except BadInferenceRequest as bad:
+            return await self._error(send, bad.status, bad.code, bad.message, param=bad.param)
         request = ProxyRequest(
             path=scope["raw_path"] or scope["path"].encode(),
             body=body,
@@ -148,7 +131,7 @@ class _InferenceApp:
 
     async def _forward(self, request: ProxyRequest, send: Send) -> Refusal | None:
         try:
-            return await self._dataplane.forward(request, _AsgiResponder(send))
+            return await self._forward_request(request, _AsgiResponder(send))
         except UpstreamError as error:  # the answer had started: it stays unfinished, and
             log.info("answer from a worker broke off: %s", error)  # the server cuts it
             return None
@@ -210,25 +193,6 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body"):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _prompt(data: dict[str, Any]) -> str | None:
-    """The text cache-aware routing matches on: the prompt, or the messages' contents."""
-    if isinstance(prompt := data.get("prompt") or data.get("text"), str):
-        return prompt
-    messages = data.get("messages")
-    if not isinstance(messages, list):
-        return None
-    parts = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):
-            parts.extend(
-                p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
-            )
-    return "\n".join(parts)
 
 
 def _models(gateway: Gateway) -> dict[str, Any]:

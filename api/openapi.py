@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from actors.core.events import EventKind
 from actors.core.model import WorkerStatus, WorkerType
 from api.openapi_schemas import JSON, SCHEMAS, _enum, _ref
 
@@ -40,6 +41,63 @@ FILTER_PARAMS = [
     {"name": "status", "in": "query", "schema": _enum(WorkerStatus)},
     {"name": "worker_type", "in": "query", "schema": _enum(WorkerType)},
 ]
+WAIT_PARAMS = [
+    {
+        "name": "wait_for",
+        "in": "query",
+        "required": False,
+        "schema": _enum(WorkerStatus),
+        "description": "long-poll: answer once the worker has this status (at once if it has)",
+    },
+    {
+        "name": "timeout_secs",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "number", "minimum": 0, "maximum": 300, "default": 30},
+        "description": "with wait_for: answer after this long with the current record and "
+        "X-Wait-Timed-Out: true",
+    },
+]
+TIMED_OUT = {
+    "X-Wait-Timed-Out": {
+        "description": "`true` when a long-poll ended by its timeout_secs",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
+EVENT_PARAMS = [
+    {"name": "model", "in": "query", "schema": {"type": "string", "minLength": 1}},
+    {"name": "worker_type", "in": "query", "schema": _enum(WorkerType)},
+    {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "resume after this sequence number, or get `reset` and the full state",
+    },
+    {
+        "name": "last_event_id",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "string"},
+        "description": "the same as the Last-Event-ID header, for clients that cannot set it",
+    },
+]
+EVENTS_ANSWER = {
+    "200": {
+        "description": "text/event-stream: the current state (one event per worker, no id), "
+        "`synced` (id: the head's sequence number), then each change with `id:` its sequence "
+        'number and `event:` its kind; `data:` is the WorkerInfo JSON (`{"seq": n}` for '
+        "`synced` and `reset`); a `: heartbeat` comment after 15 s without events. A client "
+        "that stops reading is dropped (the connection is closed).",
+        "content": {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                "x-event-kinds": _enum(EventKind)["enum"],
+                "x-event-data": {"oneOf": [_ref("WorkerInfo"), _ref("FeedMarker")]},
+            }
+        },
+    }
+}
 PATHS: dict[str, Any] = {
     "/workers": {
         "post": _op(
@@ -60,9 +118,31 @@ PATHS: dict[str, Any] = {
             parameters=FILTER_PARAMS,
         ),
     },
+    "/workers/events": {
+        "get": _op(
+            "Follow the registry: server-sent events of every change",
+            EVENTS_ANSWER,
+            _answer("400", "bad filter or unknown parameter", ERR),
+            _answer("405", "not GET", ERR),
+            parameters=EVENT_PARAMS,
+        )
+    },
     "/workers/{worker_id}": {
         "parameters": [WORKER_ID],
-        "get": _op("One worker", _answer("200", "the worker", "WorkerInfo"), BAD, MISSING),
+        "get": _op(
+            "One worker; with wait_for, a long-poll for its status",
+            {
+                "200": {
+                    "description": "the worker (with wait_for: once it has the status, or at "
+                    "the timeout with X-Wait-Timed-Out: true)",
+                    "headers": TIMED_OUT,
+                    "content": {JSON: {"schema": _ref("WorkerInfo")}},
+                }
+            },
+            BAD,
+            _answer("404", "no such worker, or it was removed during the wait", ERR),
+            parameters=WAIT_PARAMS,
+        ),
         "put": _op(
             "Replace a worker's spec in place",
             _answer("202", "re-detecting", "Accepted"),

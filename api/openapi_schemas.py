@@ -1,12 +1,64 @@
-"""The component schemas of the OpenAPI description (api/openapi.py assembles the document)."""
+"""The component schemas of the OpenAPI description (api/openapi.py assembles the document).
+
+The request bodies (``WorkerSpec``, ``HealthConfig``, ``WorkerPatch``, and the enums they use)
+are not written here: they are the JSON Schema of the body models the API validates with
+(``actors/core/model.py``), with each default taken from the library value's own default. The
+answers' shapes below are written by hand and checked against real answers in the tests.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from enum import Enum
 from typing import Any
 
-from actors.core.model import JobState, JobType, Runtime, WorkerStatus, WorkerType
+from pydantic.json_schema import models_json_schema
+
+from actors.core.model import (
+    HealthConfig,
+    JobState,
+    JobType,
+    Runtime,
+    WorkerPatchBody,
+    WorkerSpec,
+    WorkerSpecBody,
+    WorkerStatus,
+    WorkerType,
+)
 
 JSON = "application/json"
+_PREFIX = "#/components/schemas/"
+
+
+def body_schemas() -> dict[str, Any]:
+    """The request bodies' component schemas, named by their titles, refs into components."""
+    models = [(WorkerSpecBody, "validation"), (WorkerPatchBody, "validation")]
+    _, top = models_json_schema(models, ref_template=_PREFIX + "{model}")  # type: ignore[arg-type]
+    names = {key: schema.get("title", key) for key, schema in top["$defs"].items()}
+    text = json.dumps(top["$defs"])
+    for key, name in names.items():
+        text = text.replace(f'"{_PREFIX}{key}"', f'"{_PREFIX}{name}"')
+    schemas: dict[str, Any] = {names[key]: schema for key, schema in json.loads(text).items()}
+    schemas["WorkerPatch"]["minProperties"] = 1  # the API refuses a PATCH that names nothing
+    for name, value in (("WorkerSpec", WorkerSpec), ("HealthConfig", HealthConfig)):
+        _library_defaults(schemas[name], value)
+    _library_defaults(schemas["WorkerPatch"], None)
+    return schemas
+
+
+def _library_defaults(schema: dict[str, Any], value: Any) -> None:
+    """Each property's default is the library value's (None: "not given", no default shown)."""
+    defaults = {
+        item.name: item.default
+        for item in (dataclasses.fields(value) if value is not None else ())
+        if item.default is not dataclasses.MISSING and item.default is not None
+    }
+    for name, prop in schema["properties"].items():
+        prop.pop("default", None)
+        if name in defaults:
+            default = defaults[name]
+            prop["default"] = default.value if isinstance(default, Enum) else default
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -22,44 +74,6 @@ def _enum(kind: Any) -> dict[str, Any]:
     return {"type": "string", "enum": values}
 
 
-def _number(minimum: float, exclusive: bool) -> dict[str, Any]:
-    bound = "exclusiveMinimum" if exclusive else "minimum"
-    return {"type": "number", bound: minimum}
-
-
-HEALTH = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "timeout_secs": _number(0.01, False),
-        "check_interval_secs": _number(0.1, False),
-        "failure_threshold": {"type": "integer", "minimum": 1, "maximum": 1000},
-        "success_threshold": {"type": "integer", "minimum": 1, "maximum": 1000},
-        "disable": {"type": "boolean"},
-        "drain_settle_secs": _number(0, False),
-    },
-}
-LABELS = {"type": "object", "maxProperties": 128, "additionalProperties": {"type": "string"}}
-SPEC_PROPERTIES: dict[str, Any] = {
-    "url": {
-        "type": "string",
-        "maxLength": 2048,
-        "description": "http://H:P, https://H:P, grpc://H:P, grpcs://H:P or bare H:P",
-    },
-    "model_id": {"type": "string", "description": "skip model detection, serve this model"},
-    "worker_type": _enum(WorkerType),
-    "bootstrap_port": {"type": "integer", "minimum": 1, "maximum": 65535},
-    "runtime": _enum(Runtime),
-    "priority": {"type": "integer", "minimum": 0, "maximum": 100, "default": 50},
-    "cost": {**_number(0, True), "default": 1.0},
-    "labels": LABELS,
-    "api_key": {"type": "string", "writeOnly": True},
-    "health": _ref("HealthConfig"),
-    "max_connection_attempts": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 20},
-    "registration_timeout_secs": {**_number(0.01, False), "default": 60},
-    "recheck_interval_secs": {**_number(0, False), "default": 30},
-    "drain_timeout_secs": {**_number(0, False), "default": 30},
-}
 JOB = {
     "type": "object",
     "required": ["job_type", "status", "message", "attempts", "updated_at"],
@@ -100,25 +114,7 @@ WORKER_INFO_PROPERTIES: dict[str, Any] = {
     "health": _ref("HealthConfig"),
 }
 SCHEMAS: dict[str, Any] = {
-    "HealthConfig": HEALTH,
-    "WorkerSpec": {
-        "type": "object",
-        "required": ["url"],
-        "additionalProperties": False,
-        "properties": SPEC_PROPERTIES,
-    },
-    "WorkerPatch": {
-        "type": "object",
-        "additionalProperties": False,
-        "minProperties": 1,
-        "properties": {
-            "priority": SPEC_PROPERTIES["priority"],
-            "cost": SPEC_PROPERTIES["cost"],
-            "labels": {**LABELS, "additionalProperties": {"type": ["string", "null"]}},
-            "api_key": SPEC_PROPERTIES["api_key"],
-            "health": _ref("HealthConfig"),
-        },
-    },
+    **body_schemas(),
     "JobStatus": JOB,
     "WorkerInfo": {
         "type": "object",
@@ -149,6 +145,12 @@ SCHEMAS: dict[str, Any] = {
             "message": {"type": "string"},
             "worker_status": _enum(["draining", "removed"]),
         },
+    },
+    "FeedMarker": {
+        "type": "object",
+        "required": ["seq"],
+        "properties": {"seq": {"type": "integer"}},
+        "description": "the data of the `synced` and `reset` events of GET /workers/events",
     },
     "OpenAIError": {
         "type": "object",

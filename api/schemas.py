@@ -1,9 +1,11 @@
 """Strict parsing of request bodies into domain values (JSON → WorkerSpec / WorkerPatch).
 
 Every problem is an InvalidInput naming the field (dotted for nested ones: ``health.timeout_secs``
-or ``labels.zone``). Unknown fields, nested ones included, are refused, never ignored. The rules
-for each field are the values' own (``actors/core/validation.py``, applied by ``WorkerSpec``,
-``HealthConfig`` and ``WorkerPatch`` when constructed), so the API and the library cannot differ.
+or ``labels.zone``). Unknown fields, nested ones included, are refused, never ignored. A body is
+validated once, by the value it becomes: ``WorkerSpec`` and ``WorkerPatch`` check their fields
+with the body models of ``actors/core/model.py`` (``WorkerSpecBody``, ``WorkerPatchBody``), the
+same models the OpenAPI document is made from, so the API, the library and the document cannot
+differ. A ``null`` field means "not given".
 
 A body is parsed with limits of its own, each a 400 that names the problem in plain words (never
 an interpreter message): at most ``MAX_JSON_DEPTH`` levels of nesting, and no number longer than
@@ -122,9 +124,9 @@ def parse_worker_patch(data: Mapping[str, Any]) -> WorkerPatch:
     return WorkerPatch(**values)
 
 
-def _known_fields(data: Mapping[str, Any], fields: Mapping[str, check.Checker]) -> dict[str, Any]:
-    """The body's non-null fields, after refusing any name the value does not have. The values
-    themselves are checked by the value's constructor."""
+def _known_fields(data: Mapping[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    """The body's non-null top-level fields, after refusing any name the body model does not
+    have (the value's constructor validates the rest, nested unknown names included)."""
     for name in data:
         if name not in fields:
             known = ", ".join(sorted(fields))

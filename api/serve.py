@@ -7,6 +7,7 @@ path) and ``hypercorn`` (the general-purpose ASGI server; about half the proxied
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import trio
 from hypercorn.config import Config
@@ -26,25 +27,25 @@ async def serve_api(
     bind: str = "127.0.0.1:30000",
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     admin_api_key: str | None = None,
-    graceful_timeout: float = 5.0,
+    graceful_timeout: float | None = None,
     server: str = "http1",
     max_connections: int | None = None,
-    write_timeout: float = 30.0,
+    write_timeout: float | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or forever). ``nursery.start`` gets the list of
     bound URLs, e.g. ``["http://127.0.0.1:41234"]`` for ``bind="127.0.0.1:0"``.
     ``max_connections`` (None: derived from the open-file limit) and ``write_timeout`` apply to
-    the http1 server only."""
+    the http1 server only; a limit left at None takes ``ServerLimits``' default."""
+    limits = ServerLimits(max_connections=max_connections)
+    if graceful_timeout is not None:
+        limits = replace(limits, graceful_timeout=graceful_timeout)
+    if write_timeout is not None:
+        limits = replace(limits, write_timeout=write_timeout)
     quart = create_app(gateway, admin_api_key=admin_api_key)
     app = inference_app(gateway, quart)  # type: ignore[arg-type]
     if server == "http1":
         host, _, port = bind.rpartition(":")
-        limits = ServerLimits(
-            graceful_timeout=graceful_timeout,
-            max_connections=max_connections,
-            write_timeout=write_timeout,
-        )
         await serve_http1(
             app,  # type: ignore[arg-type]
             host=host.strip("[]"),
@@ -60,7 +61,7 @@ async def serve_api(
     config.bind = [bind]
     config.accesslog = None
     config.errorlog = None
-    config.graceful_timeout = graceful_timeout
-    config.keep_alive_timeout = 75.0
+    config.graceful_timeout = limits.graceful_timeout
+    config.keep_alive_timeout = limits.keep_alive_timeout
     config.include_server_header = False
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from actors.core.errors import GatewayError, InvalidInput
 from actors.core.model import WorkerStatus, WorkerType
 from actors.core.snapshot import count_stats
 from actors.registry.service import Gateway
+from api.longpoll import TIMED_OUT_HEADER, parse_wait, wait_for_status
 from api.render import error_body, render_accepted, render_worker
 from api.schemas import load_json_object, parse_worker_patch, parse_worker_spec
 
@@ -64,8 +65,15 @@ def workers_blueprint(gateway: Gateway, *, admin_api_key: str | None) -> Bluepri
 
     @workers.get("/workers/<worker_id>")
     async def get_one(worker_id: str) -> tuple[Response, int, dict[str, str]]:
-        body = info(_worker_id(worker_id))
-        return jsonify(body), 200, {"ETag": f'"{body["spec_version"]}"'}
+        worker_id = _worker_id(worker_id)
+        wait = parse_wait(request.args)  # ?wait_for=&timeout_secs=: the long-poll
+        headers: dict[str, str] = {}
+        if wait is not None:
+            _, timed_out = await wait_for_status(gateway, worker_id, wait.status, wait.timeout)
+            if timed_out:
+                headers[TIMED_OUT_HEADER] = "true"
+        body = info(worker_id)
+        return jsonify(body), 200, {"ETag": f'"{body["spec_version"]}"', **headers}
 
     @workers.put("/workers/<worker_id>")
     async def replace(worker_id: str) -> tuple[Response, int, dict[str, str]]:

@@ -5,10 +5,15 @@ Starts one fake-worker process (109 OS-chosen ports) and one gateway process (``
 serve --port 0``), unless ``--gateway URL`` points at another gateway (smg, for one), then runs
 scripts/loadtest.py three times, each on its own worker ports: churn with 1 client, churn with 8
 clients (``--duration`` seconds each), register with 100 workers. Each run's JSON line is relayed
-to stdout unchanged. Both processes are stopped at the end (SIGTERM, then SIGKILL after a
-timeout), also on error or Ctrl-C. Children's stderr is shown only when something failed.
+to stdout with ``"state"`` added. Both processes are stopped at the end (SIGTERM, then SIGKILL
+after a timeout), also on error or Ctrl-C. Children's stderr is shown only when something failed.
 
-    .venv/bin/python scripts/bench_churn.py [--duration 10] [--gateway URL]
+``--state`` chooses where our gateway keeps its registry: ``memory`` (``:memory:``), ``file`` (a
+SQLite file in a temporary directory) or ``both`` (the default): the three runs against an
+in-memory gateway, then against a fresh gateway on a state file, then one ``churn_by_state``
+line with the rates side by side and the file's share of the in-memory rate.
+
+    .venv/bin/python scripts/bench_churn.py [--duration 10] [--state both] [--gateway URL]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,8 +33,20 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = (("churn", 1), ("churn", 8), ("register", 100))  # (mode, clients or workers)
 WORKERS = sum(count for _, count in RUNS)  # distinct ports: no run sees another's leftovers
+STATES = {"memory": ("memory",), "file": ("file",), "both": ("memory", "file")}
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+
+
+def fake_worker_command(count: int, *options: str) -> list[str]:
+    """``scripts/fake_worker.py`` on ``count`` OS-chosen ports, with ``options``."""
+    return [sys.executable, "scripts/fake_worker.py", "--count", str(count), *options]
+
+
+def gateway_command(*options: str, python: Sequence[str] = (sys.executable,)) -> list[str]:
+    """The gateway on an OS-chosen port, logging warnings only, with ``options``; ``python`` is
+    how Python is started (a wrapper may set limits first)."""
+    return [*python, "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning", *options]
 
 
 class Child:
@@ -76,8 +94,11 @@ class Child:
             sys.stderr.write(f"--- {self.name} stderr ---\n{text}\n")
 
 
-async def run_loadtests(args: argparse.Namespace, gateway: str, ports: list[int]) -> bool:
-    """Run every loadtest in RUNS on its own slice of ``ports``; True if each exited 0."""
+async def run_loadtests(
+    args: argparse.Namespace, gateway: str, ports: list[int], state: str, results: list[Any]
+) -> bool:
+    """Run every loadtest in RUNS on its own slice of ``ports``; True if each exited 0. Each
+    run's figures (with ``state``) are printed and appended to ``results``."""
     ok = True
     first = 0
     for mode, count in RUNS:
@@ -97,8 +118,10 @@ async def run_loadtests(args: argparse.Namespace, gateway: str, ports: list[int]
             capture_stderr=True,
             check=False,
         )
-        sys.stdout.buffer.write(result.stdout)
-        sys.stdout.flush()
+        for line in result.stdout.decode().splitlines():
+            figures = {**json.loads(line), "state": state}
+            results.append(figures)
+            print(json.dumps(figures), flush=True)
         if result.returncode != 0:
             ok = False
             stderr = result.stderr.decode(errors="replace")
@@ -108,17 +131,32 @@ async def run_loadtests(args: argparse.Namespace, gateway: str, ports: list[int]
 
 
 async def main(args: argparse.Namespace) -> int:
-    fake = [sys.executable, "scripts/fake_worker.py", "--count", str(WORKERS)]
-    serve = [sys.executable, "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning"]
+    states = ("given",) if args.gateway else STATES[args.state]
+    fake = fake_worker_command(WORKERS * len(states))
     ok = interrupted = False
-    with tempfile.TemporaryFile() as fake_log, tempfile.TemporaryFile() as serve_log:
+    results: list[Any] = []
+    with (
+        tempfile.TemporaryFile() as fake_log,
+        tempfile.TemporaryFile() as serve_log,
+        tempfile.TemporaryDirectory() as folder,
+    ):
         children = [Child("fake_worker", fake, fake_log)]
-        if args.gateway is None:
-            children.append(Child("gateway", serve, serve_log))
         try:
             ports = await children[0].start()
-            gateway = args.gateway or await children[1].start()
-            ok = await run_loadtests(args, gateway, ports)
+            ok = True
+            for n, state in enumerate(states):
+                gateway = args.gateway
+                if gateway is None:
+                    options = ("--state", f"{folder}/state.db") if state == "file" else ()
+                    child = Child(f"gateway ({state})", gateway_command(*options), serve_log)
+                    children.append(child)
+                    gateway = await child.start()
+                mine = ports[n * WORKERS : (n + 1) * WORKERS]
+                ok = await run_loadtests(args, gateway, mine, state, results) and ok
+                if args.gateway is None:
+                    await children.pop().stop()
+            if len(states) > 1:
+                print(json.dumps(side_by_side(results)), flush=True)
         except (OSError, RuntimeError, ValueError, KeyError, trio.TooSlowError) as error:
             print(f"bench_churn: {type(error).__name__}: {error}", file=sys.stderr)
         except BaseException:  # Ctrl-C (perhaps in an exception group): stop, show no logs
@@ -127,6 +165,25 @@ async def main(args: argparse.Namespace) -> int:
         finally:
             await stop_children(children, show_logs=not (ok or interrupted))
     return 0 if ok else 1
+
+
+def side_by_side(results: list[Any]) -> dict[str, Any]:
+    """Churn rates and burst times per state, and the file's share of the in-memory figure."""
+    table: dict[str, Any] = {"benchmark": "churn_by_state"}
+    for figures in results:
+        name = figures["benchmark"].removeprefix("loadtest_")
+        if name == "churn":
+            key = f"churn{figures['clients']}_cycles_per_sec"
+            table.setdefault(key, {})[figures["state"]] = figures["cycles_per_sec"]
+        else:
+            key = f"burst{figures['workers']}_all_ready_seconds"
+            table.setdefault(key, {})[figures["state"]] = figures["all_ready_seconds"]
+    for key, by_state in list(table.items()):
+        if isinstance(by_state, dict) and {"memory", "file"} <= set(by_state):
+            memory, file = by_state["memory"], by_state["file"]
+            share = file / memory if key.startswith("churn") else memory / file
+            by_state["file_share_of_memory"] = round(share, 3) if memory and file else None
+    return table
 
 
 async def stop_children(children: list[Child], *, show_logs: bool) -> None:
@@ -142,6 +199,12 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of each churn run")
     parser.add_argument("--gateway", default=None, help="use this gateway instead of starting ours")
     parser.add_argument("--admin-api-key", default=None, help="passed on to loadtest.py")
+    parser.add_argument(
+        "--state",
+        choices=tuple(STATES),
+        default="both",
+        help="our gateway's registry: in memory, in a temporary SQLite file, or both in turn",
+    )
     arguments = parser.parse_args()
     try:
         code = trio.run(main, arguments)

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_churn import ROOT, Child, stop_children
+from scripts.bench_churn import ROOT, Child, fake_worker_command, gateway_command, stop_children
 
 MODEL = "fake-model"  # the fake worker's default
 MAX_TOKENS = 10
@@ -63,15 +63,31 @@ async def register_workers(gateway: str, ports: list[int]) -> None:
                 await trio.sleep(0.05)
 
 
-async def loadtest(args: argparse.Namespace, url: str, pid: int, stream: bool, connections: int
-                   ) -> tuple[dict[str, Any], bool]:  # fmt: skip
+async def loadtest(
+    args: argparse.Namespace, url: str, pid: int, stream: bool, connections: int
+) -> tuple[dict[str, Any], bool]:
     """One loadtest.py run, its JSON line relayed to stdout: (its figures, whether it passed)."""
     command = [
-        sys.executable, "scripts/loadtest.py", "--mode", "inference", "--url", url,
-        "--connections", str(connections), "--duration", str(args.duration),
-        "--warmup", str(args.warmup), "--model", MODEL, "--max-tokens", str(MAX_TOKENS),
-        "--server-pid", str(pid), *(["--stream"] if stream else []),
-    ]  # fmt: skip
+        sys.executable,
+        "scripts/loadtest.py",
+        "--mode",
+        "inference",
+        "--url",
+        url,
+        "--connections",
+        str(connections),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+        "--model",
+        MODEL,
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--server-pid",
+        str(pid),
+        *(["--stream"] if stream else []),
+    ]
     result = await trio.run_process(
         command, cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False
     )
@@ -88,8 +104,12 @@ async def loadtest(args: argparse.Namespace, url: str, pid: int, stream: bool, c
     return figures, result.returncode == 0 and bool(figures)
 
 
-def summary(args: argparse.Namespace, runs: dict[Key, dict[str, Any]], ok: bool,
-            load_before: tuple[float, ...]) -> dict[str, object]:  # fmt: skip
+def summary(
+    args: argparse.Namespace,
+    runs: dict[Key, dict[str, Any]],
+    ok: bool,
+    load_before: tuple[float, ...],
+) -> dict[str, object]:
     """The figures the data-plane issue asks for (None where a run is missing)."""
 
     def figure(target: str, stream: bool, connections: int, name: str) -> Any:
@@ -126,9 +146,8 @@ def summary(args: argparse.Namespace, runs: dict[Key, dict[str, Any]], ok: bool,
 
 
 async def main(args: argparse.Namespace) -> int:
-    fake = [sys.executable, "scripts/fake_worker.py", "--count", "2", "--model", MODEL]
-    serve = [sys.executable, "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning",
-             "--server", args.server]  # fmt: skip
+    fake = fake_worker_command(2, "--model", MODEL)
+    serve = gateway_command("--server", args.server)
     targets = [t for t in ("direct", "gateway") if args.only in (None, t)]
     load_before = tuple(round(x, 2) for x in os.getloadavg())
     runs: dict[Key, dict[str, Any]] = {}
@@ -144,8 +163,14 @@ async def main(args: argparse.Namespace) -> int:
                 ok = await run_all(args, children, targets, runs)
                 nursery.cancel_scope.cancel()  # the signal watcher
             interrupted = sigterm.is_set()
-        except (OSError, RuntimeError, ValueError, KeyError, httpx.HTTPError,
-                trio.TooSlowError) as error:  # fmt: skip
+        except (
+            OSError,
+            RuntimeError,
+            ValueError,
+            KeyError,
+            httpx.HTTPError,
+            trio.TooSlowError,
+        ) as error:
             print(f"bench_inference: {type(error).__name__}: {error}", file=sys.stderr)
         except BaseException:  # Ctrl-C (perhaps in an exception group): stop, show no logs
             interrupted = True

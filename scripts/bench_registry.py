@@ -28,9 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import GatewayConfig, open_gateway, worker_spec
-from actors.core.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
-from actors.core.urls import WorkerUrl
 from actors.registry.service import Gateway
+from scripts.fake_detector import InstantDetector
 
 MODELS = {"object": "list", "data": [{"id": "bench", "object": "model", "owned_by": "sglang"}]}
 
@@ -41,23 +40,6 @@ def worker_answers(request: httpx.Request) -> httpx.Response:
     if request.url.path == "/v1/models":
         return httpx.Response(200, json=MODELS)
     return httpx.Response(404)
-
-
-class StubDetector:
-    """Answers detection at once: what is left is the registry's and the workflows' cost."""
-
-    async def detect(self, spec: WorkerSpec) -> Detection:
-        await trio.lowlevel.checkpoint()
-        return Detection(
-            url=spec.url.with_scheme("http"),
-            connection_mode=ConnectionMode.HTTP,
-            runtime=Runtime.SGLANG,
-            models=(ModelCard(id="bench"),),
-        )
-
-    async def check_health(self, spec: WorkerSpec, url: WorkerUrl) -> str | None:
-        await trio.lowlevel.checkpoint()
-        return None
 
 
 async def client(gateway: Gateway, index: int, cycles: int, latencies: list[float]) -> None:
@@ -72,7 +54,7 @@ async def client(gateway: Gateway, index: int, cycles: int, latencies: list[floa
 
 async def main(cycles: int, clients: int, detection: str) -> dict[str, object]:
     transport = httpx.MockTransport(worker_answers)
-    detector = StubDetector() if detection == "stub" else None
+    detector = InstantDetector(model="bench") if detection == "stub" else None
     latencies: list[float] = []
     config = GatewayConfig()
     async with open_gateway(config, http_transport=transport, detector=detector) as gateway:
@@ -103,5 +85,13 @@ if __name__ == "__main__":
     args = parser.parse_args()
     figures = trio.run(main, args.cycles, args.clients, args.detection)
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
-    print(json.dumps({"benchmark": "registry_in_process", "command": command,
-                      "cores": os.cpu_count(), **figures}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "registry_in_process",
+                "command": command,
+                "cores": os.cpu_count(),
+                **figures,
+            }
+        )
+    )

@@ -50,21 +50,40 @@ def models(model: str, flavor: str, created: int) -> Reply:
 def server_info(model: str, host: str, port: int) -> Reply:
     """SGLang ``GET /server_info`` (and ``/get_server_info``)."""
     m = model
-    return json_reply(200, {
-        "model_path": m, "tokenizer_path": m, "served_model_name": m, "host": host,
-        "port": port, "dp_size": 1, "tp_size": 1, "max_total_num_tokens": 65536,
-        "max_running_requests": 256, "context_length": 4096, "version": "0.0.0-fake",
-        "disaggregation_mode": "null", "load_balance_method": "round_robin",
-    })  # fmt: skip
+    return json_reply(
+        200,
+        {
+            "model_path": m,
+            "tokenizer_path": m,
+            "served_model_name": m,
+            "host": host,
+            "port": port,
+            "dp_size": 1,
+            "tp_size": 1,
+            "max_total_num_tokens": 65536,
+            "max_running_requests": 256,
+            "context_length": 4096,
+            "version": "0.0.0-fake",
+            "disaggregation_mode": "null",
+            "load_balance_method": "round_robin",
+        },
+    )
 
 
 def model_info(model: str) -> Reply:
     """SGLang ``GET /model_info`` (and ``/get_model_info``)."""
     m = model
-    return json_reply(200, {
-        "model_path": m, "tokenizer_path": m, "is_generation": True, "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"], "has_image_understanding": False,
-    })  # fmt: skip
+    return json_reply(
+        200,
+        {
+            "model_path": m,
+            "tokenizer_path": m,
+            "is_generation": True,
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "has_image_understanding": False,
+        },
+    )
 
 
 # ---- inference routes (raise Refused on a bad request) ----
@@ -92,8 +111,13 @@ def _tokens(n: object, port: int) -> list[str]:
     return ([f"[port {port}]"] + [" tok"] * (min(n, 4096) - 1))[:n]
 
 
-def complete(body: bytes, *, chat: bool, model: str, port: int, request_no: int) -> Reply:
-    """``POST /v1/chat/completions`` (``chat``) or ``/v1/completions``, plain or streamed."""
+def complete(
+    body: bytes, *, chat: bool, model: str, port: int, request_no: int, pad_to: int | None = None
+) -> Reply:
+    """``POST /v1/chat/completions`` (``chat``) or ``/v1/completions``, plain or streamed.
+
+    ``pad_to``: a plain (not streamed) answer's text is padded with ``x`` until its JSON body is
+    ``pad_to`` bytes (never shortened), for big-answer tests."""
     req = _parse(body, model)
     toks = _tokens(req.get("max_tokens", req.get("max_completion_tokens")), port)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-fake-{port}-{request_no}"
@@ -115,10 +139,17 @@ def complete(body: bytes, *, chat: bool, model: str, port: int, request_no: int)
             chunks.append(_sse({**base, "object": obj, "choices": [], "usage": usage}))
         return Reply(200, sse=chunks)
     text = "".join(toks)
-    choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-    choice |= {"index": 0, "finish_reason": "length", "logprobs": None}
     obj = "chat.completion" if chat else "text_completion"
-    return json_reply(200, {**base, "object": obj, "choices": [choice], "usage": usage})
+
+    def answer(text: str) -> JsonObj:
+        message = {"role": "assistant", "content": text}
+        choice: JsonObj = {"message": message} if chat else {"text": text}
+        choice |= {"index": 0, "finish_reason": "length", "logprobs": None}
+        return {**base, "object": obj, "choices": [choice], "usage": usage}
+
+    if pad_to is not None:
+        text += "x" * (pad_to - len(json.dumps(answer(text))))  # "x" is one byte in JSON
+    return json_reply(200, answer(text))
 
 
 def embeddings(body: bytes, *, model: str) -> Reply:

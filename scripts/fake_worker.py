@@ -49,6 +49,7 @@ class FakeWorkerConfig:
     fail_health: bool = False  # /health answers 503
     startup_delay: float = 0.0  # every route answers 503 {"error": "loading"} for this long
     die_after: int | None = None  # after this many requests the port stops serving
+    big_answer_bytes: int | None = None  # plain chat completions padded to this many bytes
     host: str = "127.0.0.1"
 
 
@@ -210,17 +211,26 @@ class FakeWorker:
             if path == "/generate":
                 return payloads.generate(bytes(body), port=self.port, request_no=self.requests)
             chat = path == "/v1/chat/completions"
+            pad_to = cfg.big_answer_bytes if chat else None
             return payloads.complete(
-                bytes(body), chat=chat, model=cfg.model, port=self.port, request_no=self.requests
+                bytes(body),
+                chat=chat,
+                model=cfg.model,
+                port=self.port,
+                request_no=self.requests,
+                pad_to=pad_to,
             )
         except Refused as exc:
             return exc.reply
 
 
 async def serve_fake_workers(
-    ports: Sequence[int], config: FakeWorkerConfig, *, log: bool = False,
+    ports: Sequence[int],
+    config: FakeWorkerConfig,
+    *,
+    log: bool = False,
     task_status: trio.TaskStatus[list[FakeWorker]] = trio.TASK_STATUS_IGNORED,
-) -> None:  # fmt: skip
+) -> None:
     """Serve one independent fake worker per port (0 = OS-chosen) until cancelled.
 
     ``task_status.started(workers)`` once every listener is bound; returns early only if every
@@ -288,6 +298,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fail-health", action="store_true", help="/health answers 503")
     p.add_argument("--startup-delay", type=float, default=0.0, help="503 loading for N seconds")
     p.add_argument("--die-after", type=int, help="stop serving a port after N requests")
+    p.add_argument(
+        "--big-answer-bytes",
+        type=int,
+        metavar="N",
+        help="plain chat completions padded to about N bytes",
+    )
     p.add_argument("--log", action="store_true", help="print one line per request")
     args = p.parse_args(argv)
     try:

@@ -70,8 +70,10 @@ def build_request(args: argparse.Namespace) -> tuple[str, int, bytes]:
     chat = {"messages": [{"role": "user", "content": prompt}]}
     body |= chat if "chat" in path else {"prompt": prompt}
     data = json.dumps(body).encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\nConnection: keep-alive\r\n\r\n")  # fmt: skip
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: keep-alive\r\n\r\n"
+    )
     return parts.hostname, parts.port or 80, head.encode("latin-1") + data
 
 
@@ -231,8 +233,13 @@ async def connection_task(conn: Connection, tally: Tally, request_timeout: float
             try:
                 with trio.fail_after(request_timeout):
                     done = await conn.exchange_retrying_stale()
-            except (OSError, ServerClosed, ProtocolError, trio.BrokenResourceError,
-                    trio.TooSlowError) as error:  # fmt: skip
+            except (
+                OSError,
+                ServerClosed,
+                ProtocolError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+            ) as error:
                 kind = "timeout" if isinstance(error, trio.TooSlowError) else type(error).__name__
                 if time.perf_counter() >= tally.window_start:
                     tally.errors["connect" if kind == "OSError" else kind] += 1
@@ -278,16 +285,22 @@ async def run_inference(args: argparse.Namespace) -> dict[str, object]:
     seconds, requests = max(end - start, 1e-9), len(tally.latencies)
     per_request_ms = 1000 / max(requests, 1)
     figures: dict[str, object] = {
-        "url": args.gateway, "path": args.path, "stream": args.stream,
-        "connections": args.connections, "seconds": round(seconds, 3), "requests": requests,
+        "url": args.gateway,
+        "path": args.path,
+        "stream": args.stream,
+        "connections": args.connections,
+        "seconds": round(seconds, 3),
+        "requests": requests,
         "rps": round(requests / seconds, 1),
-        "p50_ms": percentile_ms(tally.latencies, 50), "p99_ms": percentile_ms(tally.latencies, 99),
+        "p50_ms": percentile_ms(tally.latencies, 50),
+        "p99_ms": percentile_ms(tally.latencies, 99),
         "ttfb_p50_ms": percentile_ms(tally.ttfbs, 50),
         "ttfb_p99_ms": percentile_ms(tally.ttfbs, 99),
         "statuses": dict(sorted(tally.statuses.items())),
-        "errors": dict(sorted(tally.errors.items())), "warmup_failures": tally.warmup_failures,
+        "errors": dict(sorted(tally.errors.items())),
+        "warmup_failures": tally.warmup_failures,
         "reconnects": sum(conn.opened for conn in conns) - len(conns),
-    }  # fmt: skip
+    }
     non_2xx = sum(n for code, n in tally.statuses.items() if not code.startswith("2"))
     figures["failures"] = non_2xx + tally.errors.total() + tally.warmup_failures
     if args.stream:

@@ -252,8 +252,12 @@ async def main(args: argparse.Namespace, addresses: list[str]) -> dict[str, obje
         mode = churn(run, slots, args.duration) if args.mode == "churn" else register(run, slots)
         figures = await mode
     errors, unexpected = dict(sorted(run.errors.items())), dict(sorted(run.unexpected.items()))
-    return {**figures, "leftovers_cleared": run.leftovers_cleared, "errors": errors,
-            "unexpected": unexpected}  # fmt: skip
+    return {
+        **figures,
+        "leftovers_cleared": run.leftovers_cleared,
+        "errors": errors,
+        "unexpected": unexpected,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -293,7 +297,16 @@ if __name__ == "__main__":
     arguments, worker_addresses = parse_args()
     figures = trio.run(main, arguments, worker_addresses)
     command = " ".join([os.path.relpath(sys.executable), *redacted(sys.argv)])
-    print(json.dumps({"benchmark": f"loadtest_{arguments.mode}", "command": command,
-                      "cores": os.cpu_count(), **figures}), flush=True)  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": f"loadtest_{arguments.mode}",
+                "command": command,
+                "cores": os.cpu_count(),
+                **figures,
+            }
+        ),
+        flush=True,
+    )
     bad = ("failed_cycles", "unexpected", "errors", "failures")  # inference: failures, 0 requests
     sys.exit(1 if any(figures.get(key) for key in bad) or figures.get("requests") == 0 else 0)

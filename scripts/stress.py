@@ -3,8 +3,9 @@
 
 Starts one fake-worker process (``scripts/fake_worker.py``, model ``fake-model``) and one gateway
 process (``python -m api.cli serve --port 0``) whose file limit is soft 1,024 / hard 4,096 (the
-common default; a gateway may raise its soft limit to the hard one), serves a "big answer" worker
-(model ``big-model``, answers of ``--big-bytes``) from this process, registers both workers, then
+common default; a gateway may raise its soft limit to the hard one) and a "big answer" fake-worker
+process (model ``big-model``, ``--big-answer-bytes``: answers of ``--big-bytes``), registers both
+workers, then
 for ``--duration`` seconds runs all at once:
 
 * ``normal``: ``--connections`` keep-alive connections sending chat completions back to back;
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -46,10 +48,8 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_churn import Child, stop_children
+from scripts.bench_churn import Child, fake_worker_command, gateway_command, stop_children
 from scripts.bench_inference import register_workers
-from scripts.fake_payloads import Reply, json_reply
-from scripts.fake_worker import INFERENCE, FakeWorker, FakeWorkerConfig
 from scripts.load_inference import Connection, ServerClosed, percentile_ms
 from scripts.load_inference import ProtocolError as BrokenAnswer
 
@@ -95,22 +95,6 @@ def _error_name(error: BaseException) -> str:
     return type(error).__name__
 
 
-class BigWorker(FakeWorker):
-    """A fake worker whose chat completions are ``size`` bytes of JSON (built once)."""
-
-    def __init__(self, size: int, listeners: list[trio.SocketListener]) -> None:
-        super().__init__(FakeWorkerConfig(model=BIG_MODEL), listeners)
-        message = {"role": "assistant", "content": "x" * size}
-        choice = {"index": 0, "message": message, "finish_reason": "length"}
-        self.big = json_reply(200, {"object": "chat.completion", "model": BIG_MODEL,
-                                    "choices": [choice]})  # fmt: skip
-
-    async def _reply(self, method: str, path: str, body: bytearray | None) -> Reply:
-        if method == "POST" and path in INFERENCE and body is not None:
-            return self.big
-        return await super()._reply(method, path, body)
-
-
 class Stress:
     def __init__(self, args: argparse.Namespace, host: str, port: int, tally: Tally) -> None:
         self.args, self.host, self.port, self.tally = args, host, port, tally
@@ -123,8 +107,10 @@ class Stress:
     def request(self, model: str, *, content_length: int | None = None) -> bytes:
         body = CHAT % model.encode()
         length = len(body) if content_length is None else content_length
-        head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.netloc}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n")  # fmt: skip
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {self.netloc}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+        )
         return head.encode() + (body if content_length is None else b"")
 
     # ---- normal traffic -------------------------------------------------------------------
@@ -136,8 +122,13 @@ class Stress:
                 try:
                     with trio.fail_after(REQUEST_TIMEOUT):
                         exchange = await conn.exchange_retrying_stale()
-                except (OSError, trio.BrokenResourceError, trio.TooSlowError, ServerClosed,
-                        BrokenAnswer) as error:  # fmt: skip
+                except (
+                    OSError,
+                    trio.BrokenResourceError,
+                    trio.TooSlowError,
+                    ServerClosed,
+                    BrokenAnswer,
+                ) as error:
                     self.tally.error("normal", error)
                     await conn.close()
                     await trio.sleep(0.05)  # a gateway that is down refuses at once: no spinning
@@ -336,38 +327,40 @@ async def attack(args: argparse.Namespace, gateway: str, pid: int, tally: Tally)
 async def main(args: argparse.Namespace) -> dict[str, object]:
     args.idle = raise_own_file_limit(args.idle)
     soft, hard = args.gateway_nofile
-    fake = [sys.executable, "scripts/fake_worker.py", "--count", "1", "--model", MODEL]
-    serve = [sys.executable, "-c", WITH_NOFILE, str(soft), str(hard),
-             "-m", "api.cli", "serve", "--port", "0", "--log-level", "warning"]  # fmt: skip
+    fake = fake_worker_command(1, "--model", MODEL)
+    big = fake_worker_command(1, "--model", BIG_MODEL, "--big-answer-bytes", str(args.big_bytes))
+    serve = gateway_command(python=[sys.executable, "-c", WITH_NOFILE, str(soft), str(hard)])
     tally = Tally()
     figures: dict[str, object] = {}
-    with tempfile.TemporaryFile() as fake_log, tempfile.TemporaryFile() as serve_log:
-        children = [Child("fake_worker", fake, fake_log), Child("gateway", serve, serve_log)]
+    with ExitStack() as logs:
+        fake_log, big_log, serve_log = (logs.enter_context(tempfile.TemporaryFile()) for _ in "123")
+        children = [
+            Child("fake_worker", fake, fake_log),
+            Child("big_worker", big, big_log),
+            Child("gateway", serve, serve_log),
+        ]
+        gateway_child = children[-1]
         up = False
         try:
-            async with trio.open_nursery() as nursery:
-                [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
-                big = BigWorker(args.big_bytes, [listener])
-                nursery.start_soon(big.serve)
-                ports: list[int] = await children[0].start()
-                gateway: str = await children[1].start()
-                await register_workers(gateway, [ports[0], big.port])
-                assert children[1].process is not None
-                pid = children[1].process.pid
-                rss_before = rss_kb(pid)
-                started = time.perf_counter()
-                await attack(args, gateway, pid, tally)
-                seconds = time.perf_counter() - started
-                await trio.sleep(1)  # the gateway notices the closed connections
-                up = await still_up(gateway)
-                figures = {
-                    "seconds": round(seconds, 1),
-                    "gateway_nofile": {"soft": soft, "hard": hard},
-                    "rss_kb": {"before": rss_before, "max": tally.rss_max_kb, "after": rss_kb(pid)},
-                    "gateway_exit_code": children[1].process.returncode,
-                    "big_answers_sent": big.counts["POST /v1/chat/completions"],
-                }
-                nursery.cancel_scope.cancel()
+            [port] = await children[0].start()
+            [big_port] = await children[1].start()
+            gateway: str = await gateway_child.start()
+            await register_workers(gateway, [port, big_port])
+            assert gateway_child.process is not None
+            pid = gateway_child.process.pid
+            rss_before = rss_kb(pid)
+            started = time.perf_counter()
+            await attack(args, gateway, pid, tally)
+            seconds = time.perf_counter() - started
+            await trio.sleep(1)  # the gateway notices the closed connections
+            up = await still_up(gateway)
+            figures = {
+                "seconds": round(seconds, 1),
+                "gateway_nofile": {"soft": soft, "hard": hard},
+                "rss_kb": {"before": rss_before, "max": tally.rss_max_kb, "after": rss_kb(pid)},
+                "gateway_exit_code": gateway_child.process.returncode,
+                "big_answers_sent": await big_answers_sent(big_port),
+            }
         finally:
             await stop_children(children, show_logs=False)
             if not up:
@@ -386,6 +379,13 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "errors": dict(sorted(tally.errors.items())),
         **figures,
     }
+
+
+async def big_answers_sent(port: int) -> int:
+    """How many chat completions the big worker answered (its ``GET /_stats``)."""
+    async with httpx.AsyncClient(trust_env=False, timeout=REQUEST_TIMEOUT) as client:
+        stats = (await client.get(f"http://127.0.0.1:{port}/_stats")).json()
+    return int(stats["counts"].get("POST /v1/chat/completions", 0))
 
 
 def _show_tail(log: IO[bytes], lines: int = 30) -> None:
@@ -407,8 +407,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--non-readers", type=int, default=10, help="clients that never read a big answer")
     add("--big-bytes", type=int, default=8 * 1024 * 1024, help="size of a big answer")
     add("--resets-per-sec", type=float, default=50.0, help="connections reset at once")
-    add("--gateway-nofile", default="1024:4096", metavar="SOFT:HARD",
-        help="the gateway's RLIMIT_NOFILE")  # fmt: skip
+    add(
+        "--gateway-nofile",
+        default="1024:4096",
+        metavar="SOFT:HARD",
+        help="the gateway's RLIMIT_NOFILE",
+    )
     add("--only", default=",".join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}")
     args = parser.parse_args(argv)
     args.only = [name for name in args.only.split(",") if name]
@@ -438,9 +442,15 @@ if __name__ == "__main__":
             failure = failure.exceptions[0]
         result["error"] = f"setup failed: {type(failure).__name__}: {failure}"
     command = " ".join([os.path.relpath(sys.executable), *sys.argv])
-    line = {"benchmark": "stress", "command": command, "cores": os.cpu_count(),
-            "duration": arguments.duration, "idle_requested": requested_idle,
-            "idle_affordable": arguments.idle, **result}  # fmt: skip
+    line = {
+        "benchmark": "stress",
+        "command": command,
+        "cores": os.cpu_count(),
+        "duration": arguments.duration,
+        "idle_requested": requested_idle,
+        "idle_affordable": arguments.idle,
+        **result,
+    }
     print(json.dumps(line), flush=True)
     normal = result["normal"]
     served = isinstance(normal, dict) and normal.get("requests", 0) > 0

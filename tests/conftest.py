@@ -15,6 +15,7 @@ from actors import GatewayConfig, open_gateway, worker_spec
 from actors.registry.service import Gateway
 from api.serve import serve_api
 from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
+from tests import asgi_apps
 
 # Registration retries fast in tests; nothing waits on wall-clock defaults.
 FAST = GatewayConfig(backoff_initial_secs=0.001, backoff_max_secs=0.01, recheck_interval_secs=0)
@@ -53,6 +54,18 @@ def start_workers(nursery: trio.Nursery) -> StartWorkers:
         return workers
 
     return start
+
+
+@pytest.fixture
+def app() -> asgi_apps.App:
+    """The HTTP/1 server tests' ASGI app (echoes; a few paths misbehave on purpose)."""
+    return asgi_apps.App()
+
+
+@pytest.fixture
+async def url(app: asgi_apps.App, nursery: trio.Nursery) -> str:
+    """``app`` served by api/http/server.py on port 0."""
+    return await asgi_apps.serve(nursery, app)
 
 
 async def wait_until(gateway: Gateway, condition: Callable[[], bool]) -> None:

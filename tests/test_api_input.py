@@ -15,6 +15,7 @@ import trio
 from openapi_spec_validator import validate
 
 from actors.core.errors import InvalidInput
+from actors.core.model import HEALTH_FIELDS
 from actors.registry.service import Gateway
 from api.openapi_schemas import SCHEMAS
 from api.schemas import MAX_JSON_DEPTH, PATCH_FIELDS, SPEC_FIELDS, json_depth, load_json_object
@@ -380,6 +381,7 @@ async def test_the_openapi_description_is_valid_and_describes_real_answers(
 def test_the_openapi_schemas_name_exactly_the_fields_the_parser_accepts() -> None:
     assert set(SCHEMAS["WorkerSpec"]["properties"]) == set(SPEC_FIELDS)
     assert set(SCHEMAS["WorkerPatch"]["properties"]) == set(PATCH_FIELDS)
+    assert set(SCHEMAS["HealthConfig"]["properties"]) == set(HEALTH_FIELDS)
 
 
 def nested(depth: int) -> str:

@@ -6,13 +6,18 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import fields, replace
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from api.cli import ADMIN_KEY_ENV, build_parser, parse_args
+from actors.core.config import FLAG, GatewayConfig
+from actors.dataplane.routing import POLICIES
+from api.cli import ADMIN_KEY_ENV, _config_fields, build_parser, config_options, parse_args
+from api.http.limits import ServerLimits
+from api.serve import SERVERS
 from tests.conftest import StartWorkers
 
 
@@ -63,7 +68,7 @@ def test_bad_flags_are_refused_naming_the_flag(capsys: pytest.CaptureFixture[str
     for argv, text in (
         (["serve", "--worker-url", "ftp://a:1"], "--worker-url"),
         (["serve", "--registration-concurrency", "0"], "registration_concurrency"),
-        (["serve", "--state", "/tmp/x.json"], "--state"),
+        (["serve", "--state", ""], "state"),
         (["serve", "--port", "70000"], "--port"),
     ):
         with pytest.raises(SystemExit):
@@ -161,9 +166,44 @@ def test_config_values_of_the_right_type_are_taken(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text(
         'worker_url = ["127.0.0.1:8000"]\nport = 31000\ndrain_timeout_secs = 5\n'
-        "upstream_read_timeout_secs = 12.5\nallow_network = [\"169.254.10.0/24\"]\n"
+        'upstream_read_timeout_secs = 12.5\nallow_network = ["169.254.10.0/24"]\n'
     )
     args = parse_args(["serve", "--config", str(config)])
     assert args.worker_url == ["127.0.0.1:8000"]
     assert (args.port, args.drain_timeout_secs, args.upstream_read_timeout_secs) == (31000, 5, 12.5)
     assert args.allow_network == ["169.254.10.0/24"]
+
+
+def test_every_config_option_takes_its_type_default_and_help_from_gateway_config() -> None:
+    _, serve = build_parser()
+    actions = {action.dest: action for action in serve._actions}
+    options = {option.field: option for option in config_options()}
+    assert set(options) >= {"registration_concurrency", "policy", "retries", "allowed_networks"}
+    defaults = GatewayConfig()
+    for field in fields(GatewayConfig):
+        if field.name in options:
+            action = actions[options[field.name].dest]
+            assert action.help == field.metadata[FLAG]["help"]
+            default = action.default
+            assert (tuple(default) if isinstance(default, list) else default) == getattr(
+                defaults, field.name
+            ), field.name
+            if isinstance(default, int | float) and not isinstance(default, bool):
+                assert action.type is type(default), field.name
+    assert tuple(actions["policy"].choices or ()) == POLICIES
+    assert actions["allow_network"].metavar == "CIDR"
+    args = parse_args(["serve", "--retries", "5", "--allow-network", "10.9.0.0/16"])
+    built = GatewayConfig(**_config_fields(args))
+    assert built == replace(
+        defaults, retries=5, allowed_networks=("10.9.0.0/16",), instance_id=built.instance_id
+    )
+
+
+def test_the_server_options_take_their_defaults_from_the_server() -> None:
+    args = parse_args(["serve"])
+    limits = ServerLimits()
+    assert (args.max_connections, args.write_timeout_secs) == (
+        limits.max_connections,
+        limits.write_timeout,
+    )
+    assert args.server == "http1" and args.server in SERVERS

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from actors.core.codec import dump_table, restore_table
 from actors.core.commands import (
     BeginDrain,
     CreateWorker,
@@ -23,7 +24,6 @@ from actors.core.model import (
     WorkerSpec,
     WorkerStatus,
 )
-from actors.core.persistence import dump_table, restore_table
 from actors.core.table import WorkerTable
 from actors.core.urls import parse_worker_url
 
@@ -99,18 +99,37 @@ def test_a_dump_is_plain_json_and_restores_the_same_records_and_indexes() -> Non
 
 def test_work_in_progress_restarts_after_a_restore() -> None:
     table, ids = populated()
-    restored = restore_table(dump_table(table), now=10.0)
+    restored = restore_table(json.loads(json.dumps(dump_table(table))), now=10.0)
     jobs = started(restored)
-    assert set(jobs) == {ids["pending"]}  # its registration is queued again
+    # the registration and the PUT in progress are queued again, from their first attempt
+    assert set(jobs) == {ids["pending"], ids["replacing"]}
     assert min(jobs.values()) > max(  # job ids continue, never reused
         w.job.job_id for w in table.workers.values() if w.job is not None
     )
     replacing = restored.get(ids["replacing"])
     assert replacing is not None and replacing.spec.priority == 50  # the old spec serves
-    assert replacing.job is not None and replacing.job.state is JobState.CANCELLED
+    assert replacing.job is not None and replacing.job.state is JobState.QUEUED
+    assert replacing.job.job_id == jobs[ids["replacing"]]
+    swap = restored.replacement(ids["replacing"])
+    assert swap is not None and swap.priority == 9  # ... while the PUT's spec is detected
     assert restored.get(ids["draining"]) is None
     pending = restored.get(ids["pending"])
     assert pending is not None and pending.status is WorkerStatus.PENDING
+    changes = restored.take_changes()
+    assert changes.deleted == {ids["draining"]}  # the store drops it too
+    assert changes.upserted == {ids["pending"], ids["replacing"]}  # new jobs; the rest as stored
+
+
+def test_a_put_in_progress_without_its_spec_is_recorded_as_cancelled_after_a_restore() -> None:
+    table, ids = populated()
+    data = dump_table(table)
+    for plain in data["workers"]:
+        plain.pop("replacing", None)  # as a dump from before the spec was kept
+    restored = restore_table(data, now=10.0)
+    replacing = restored.get(ids["replacing"])
+    assert replacing is not None and replacing.job is not None
+    assert replacing.job.state is JobState.CANCELLED
+    assert set(started(restored)) == {ids["pending"]}
 
 
 def test_a_dump_in_an_unknown_format_is_refused() -> None:

@@ -74,9 +74,13 @@ async def test_an_sglang_worker_answers_the_sglang_detection_routes_and_not_vers
     assert health.headers["x-fake-worker-port"] == str(worker.port)
     assert models["object"] == "list"
     assert models["data"][0] | {"created": 0} == {
-        "id": "m1", "object": "model", "created": 0, "owned_by": "sglang", "root": "m1",
+        "id": "m1",
+        "object": "model",
+        "created": 0,
+        "owned_by": "sglang",
+        "root": "m1",
         "max_model_len": 4096,
-    }  # fmt: skip
+    }
     for info in infos:
         assert info["model_path"] == info["served_model_name"] == "m1"
         assert (info["port"], info["dp_size"], info["version"]) == (worker.port, 1, "0.0.0-fake")
@@ -144,13 +148,51 @@ async def test_a_non_streaming_chat_completion_returns_max_tokens_tokens_and_usa
     assert body["object"] == "chat.completion"
     assert body["model"] == "fake-model"
     assert body["choices"][0]["message"] == {
-        "role": "assistant", "content": f"[port {worker.port}] tok tok",
-    }  # fmt: skip
+        "role": "assistant",
+        "content": f"[port {worker.port}] tok tok",
+    }
     assert body["usage"]["completion_tokens"] == 3
     usage = body["usage"]
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert default["usage"]["completion_tokens"] == 8
     assert default["choices"][0]["message"]["content"].count(" tok") == 7
+
+
+async def test_big_answer_bytes_pads_a_plain_chat_completion_to_that_size_the_same_each_time(
+    nursery: trio.Nursery,
+) -> None:
+    [worker] = await start(nursery, big_answer_bytes=100_000)
+    chat = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}]}
+    with trio.fail_after(10):
+        async with client(worker) as c:
+            first, second = [await c.post(CHAT, json=chat | {"max_tokens": 2}) for _ in "12"]
+            small = await c.post(CHAT, json=chat | {"max_tokens": 2, "model": "other"})
+    assert (first.status_code, len(first.content)) == (200, 100_000)
+    assert len(second.content) == 100_000
+    content, tokens = first.json()["choices"][0]["message"]["content"], f"[port {worker.port}] tok"
+    assert content == tokens + "x" * (len(content) - len(tokens))
+    assert len(content) > 99_000
+    assert second.json()["choices"] == first.json()["choices"]
+    assert first.json()["usage"]["completion_tokens"] == 2
+    assert small.status_code == 404  # refusals are not padded
+    assert len(small.content) < 1000
+
+
+async def test_big_answer_bytes_leaves_streams_and_text_completions_as_they_were(
+    nursery: trio.Nursery,
+) -> None:
+    [worker] = await start(nursery, big_answer_bytes=100_000)
+    with trio.fail_after(10):
+        async with client(worker) as c:
+            text = await c.post(
+                "/v1/completions", json={"model": "fake-model", "prompt": "a", "max_tokens": 2}
+            )
+            events = await sse_events(
+                c, CHAT, {"model": "fake-model", "messages": [], "max_tokens": 2, "stream": True}
+            )
+    assert text.json()["choices"][0]["text"] == f"[port {worker.port}] tok"
+    assert len(events) == 3
+    assert events[-1] == "[DONE]"
 
 
 async def test_a_non_streaming_completion_returns_a_text_completion(
@@ -272,8 +314,9 @@ async def test_an_unknown_route_gets_a_json_404_and_stats_count_every_route(
     assert missing.status_code == 404
     assert "error" in missing.json()
     assert stats == {
-        "port": worker.port, "counts": {"GET /nope": 1, "GET /health": 1, "GET /_stats": 1},
-    }  # fmt: skip
+        "port": worker.port,
+        "counts": {"GET /nope": 1, "GET /health": 1, "GET /_stats": 1},
+    }
 
 
 async def test_flipping_fail_health_at_run_time_turns_health_503_and_back(
@@ -459,8 +502,11 @@ async def test_the_cli_prints_its_ports_serves_them_and_exits_0_on_a_signal(
                 ports = info["listening"]
                 assert len(ports) == 2
                 assert info | {"listening": []} == {
-                    "listening": [], "host": "127.0.0.1", "model": "m", "flavor": "vllm",
-                }  # fmt: skip
+                    "listening": [],
+                    "host": "127.0.0.1",
+                    "model": "m",
+                    "flavor": "vllm",
+                }
                 async with httpx.AsyncClient() as c:
                     response = await c.get(f"http://127.0.0.1:{ports[1]}/version")
                 process.send_signal(signum)
@@ -468,3 +514,23 @@ async def test_the_cli_prints_its_ports_serves_them_and_exits_0_on_a_signal(
                 report = json.loads(await read_line(process.stderr))
     assert response.status_code == 200
     assert report == {"counts": {str(ports[0]): {}, str(ports[1]): {"GET /version": 1}}}
+
+
+async def test_the_cli_serves_big_answers_of_big_answer_bytes() -> None:
+    command = [sys.executable, str(SCRIPT), "--count", "1", "--big-answer-bytes", "50000"]
+    run = partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(run, check=False))
+            assert process.stdout is not None
+            async with process.stdout:
+                [port] = json.loads(await read_line(process.stdout))["listening"]
+                async with httpx.AsyncClient() as c:
+                    response = await c.post(
+                        f"http://127.0.0.1:{port}{CHAT}",
+                        json={"model": "fake-model", "messages": [], "max_tokens": 1},
+                    )
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
+    assert (response.status_code, len(response.content)) == (200, 50_000)
+    assert response.json()["choices"][0]["message"]["content"].endswith("x" * 49_000)

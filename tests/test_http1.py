@@ -6,10 +6,7 @@ The client side is raw bytes (so the tests control every byte) parsed back with 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import h11
@@ -20,198 +17,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors import open_gateway
-from api.http.server import ServerLimits, serve_http1
+from api.http.server import ServerLimits
 from api.serve import serve_api
-
-Message = dict[str, Any]
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from tests.asgi_apps import CHUNKS, App, Receive, Scope, Send, serve
+from tests.raw_http import connect, get, port_of, post
 
 HOST = b"Host: t\r\n"
-CHUNKS = (b"one", b"two", b"three")
 ALLOWED = {100, 200, 400, 413, 431, 501, 505}  # what the fuzz may get back
-
-
-class App:
-    """A tiny ASGI app: echoes by default; a few paths misbehave on purpose."""
-
-    def __init__(self) -> None:
-        self.gate = trio.Event()  # /stream waits on it after one chunk, /slow before answering
-        self.entered = trio.Event()  # /slow has been called
-        self.endless_done = trio.Event()  # /endless has stopped (normally or not)
-        self.lifespan: list[str] = []
-        self.paths: list[str] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    self.lifespan.append("startup")
-                    await send({"type": "lifespan.startup.complete"})
-                else:
-                    self.lifespan.append("shutdown")
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        path: str = scope["path"]
-        self.paths.append(path)
-        if path == "/raise":
-            raise RuntimeError("a deliberate failure")
-        if path == "/silent":
-            return
-        if path == "/204":
-            await send({"type": "http.response.start", "status": 204, "headers": []})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        if path == "/stream":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": CHUNKS[0], "more_body": True})
-            await self.gate.wait()
-            for chunk in CHUNKS[1:]:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            return
-        if path == "/endless":
-            try:
-                await send({"type": "http.response.start", "status": 200, "headers": []})
-                for _ in range(200):  # 12.8 MB: far more than the socket buffers hold
-                    body = b"x" * 65536
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
-                await send({"type": "http.response.body", "body": b""})
-            finally:
-                self.endless_done.set()
-            return
-        if path == "/slow":
-            self.entered.set()
-            await self.gate.wait()
-        await self.echo(scope, receive, send)
-
-    async def echo(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            assert message["type"] == "http.request"
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
-        answer = json.dumps(
-            {
-                "method": scope["method"],
-                "path": scope["path"],
-                "raw_path": scope["raw_path"].decode("latin-1"),
-                "query_string": scope["query_string"].decode("latin-1"),
-                "http_version": scope["http_version"],
-                "headers": [
-                    [n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]
-                ],
-                "body": body.decode("latin-1"),
-                "client": scope["client"][0],
-            }
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[bytes, bytes]
-    body: bytes
-    informational: list[int]
-
-    def json(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(self.body)
-        return result
-
-
-class Peer:
-    """One raw client connection; answers are parsed with h11, requests are sent as bytes."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def event(self, method: str = "GET") -> Any:
-        conn = self.h11
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        if conn.our_state is h11.IDLE:  # tell h11 what was asked (it frames a HEAD answer by it)
-            conn.send(h11.Request(method=method, target="/", headers=[("Host", "t")]))
-            conn.send(h11.EndOfMessage())
-        while (event := conn.next_event()) is h11.NEED_DATA:
-            conn.receive_data(await self.stream.receive_some(65536))
-        return event
-
-    async def answer(self, method: str = "GET") -> Answer:
-        informational: list[int] = []
-        response: h11.Response | None = None
-        body = b""
-        while True:
-            event = await self.event(method)
-            if isinstance(event, h11.InformationalResponse):
-                informational.append(event.status_code)
-            elif isinstance(event, h11.Response):
-                response = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert response is not None
-                return Answer(response.status_code, dict(response.headers), body, informational)
-            else:
-                raise AssertionError(f"unexpected {event!r}")
-
-    async def closed(self) -> None:
-        """Assert the server closes the connection with nothing more to say."""
-        rest = self.h11.trailing_data[0]
-        while data := await self.stream.receive_some(65536):
-            rest += data
-        assert rest == b""
-
-
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
-async def connect(url: str) -> Peer:
-    return Peer(await trio.open_tcp_stream("127.0.0.1", port_of(url)))
-
-
-async def serve(nursery: trio.Nursery, app: Any, **options: Any) -> str:
-    serving = functools.partial(serve_http1, app, host="127.0.0.1", port=0, **options)
-    [url] = await nursery.start(serving)
-    assert isinstance(url, str)
-    return url
-
-
-def get(path: str = "/echo", *, extra: bytes = b"") -> bytes:
-    return b"GET %b HTTP/1.1\r\nHost: t\r\n%b\r\n" % (path.encode(), extra)
-
-
-def post(body: bytes, path: str = "/echo") -> bytes:
-    return b"POST %b HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b" % (
-        path.encode(),
-        len(body),
-        body,
-    )
 
 
 def errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.ERROR]
-
-
-@pytest.fixture
-def app() -> App:
-    return App()
-
-
-@pytest.fixture
-async def url(app: App, nursery: trio.Nursery) -> str:
-    return await serve(nursery, app)
 
 
 # --- the basics ------------------------------------------------------------------------------

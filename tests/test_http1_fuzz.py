@@ -17,7 +17,7 @@ import h11
 import trio
 import trio.testing
 
-from tests.test_http1 import Receive, Scope, Send, serve
+from tests.asgi_apps import BodyLengths, serve
 
 SEED = 20240607
 COUNT = 1200
@@ -126,18 +126,6 @@ def reference(data: bytes) -> int | None:
         return None
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.lengths: list[int] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        self.lengths.append(len((await receive())["body"]))
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-
 async def verdict(port: int, data: bytes) -> int:
     """The status of the server's first answer to ``data`` (sent, then EOF)."""
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
@@ -166,7 +154,7 @@ def test_the_generator_makes_both_kinds_of_request() -> None:
 async def test_the_server_frames_generated_requests_as_the_reference_does(
     nursery: trio.Nursery,
 ) -> None:
-    app = Recorder()
+    app = BodyLengths()
     url = await serve(nursery, app)
     port = int(url.rsplit(":", 1)[1])
     rng = random.Random(SEED)

@@ -17,42 +17,28 @@ import trio.testing
 from api.http.limits import connection_cap, raise_open_file_limit
 from api.http.parse import RequestParser
 from api.http.server import ServerLimits
-from tests.test_http1 import App, Receive, Scope, Send, connect, get, serve
+from tests.asgi_apps import App, BodyLengths, Receive, Scope, Send, serve
+from tests.raw_http import connect, get, read_all, reset_after
 
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
-
-
-@pytest.fixture
-def app() -> App:
-    return App()
-
-
-@pytest.fixture
-async def url(app: App, nursery: trio.Nursery) -> str:
-    return await serve(nursery, app)
 
 
 def warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-async def reset_after(url: str, data: bytes) -> None:
-    """Connect, send ``data``, then close with a TCP reset (SO_LINGER 0)."""
-    sock = trio.socket.socket()
-    await sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
-    if data:
-        await sock.send(data)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 # --- item 1: one connection's error ends that connection only ---------------------------------
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"GET /echo HTTP/1.1\r\nHo", b"POST /echo HTTP/1.1\r\nHost: t\r\n"
-             b"Content-Length: 10\r\n\r\nabc"], ids=["at once", "half a head", "half a body"],
-)  # fmt: skip
+    "data",
+    [
+        b"",
+        b"GET /echo HTTP/1.1\r\nHo",
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc",
+    ],
+    ids=["at once", "half a head", "half a body"],
+)
 async def test_a_client_that_resets_does_not_stop_the_server(
     url: str, data: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -152,15 +138,6 @@ def sized_app(declared: int, sent: list[bytes]) -> Any:
     return app
 
 
-async def read_all(url: str, request: bytes) -> bytes:
-    async with await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])) as stream:
-        await stream.send_all(request)
-        received = b""
-        while data := await stream.receive_some(65536):
-            received += data
-    return received
-
-
 async def test_an_app_sending_more_than_its_content_length_is_cut_and_the_connection_closed(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -189,20 +166,8 @@ async def test_an_app_sending_less_than_its_content_length_gets_the_connection_c
 # --- item 5: linear buffering -----------------------------------------------------------------
 
 
-class LengthApp:
-    def __init__(self) -> None:
-        self.lengths: list[int] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        self.lengths.append(len((await receive())["body"]))
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-
 async def test_a_32_mib_body_sized_or_in_one_chunk_arrives_whole(nursery: trio.Nursery) -> None:
-    app = LengthApp()
+    app = BodyLengths()
     url = await serve(nursery, app)
     size = 32 * 1024 * 1024
     body = b"x" * size
@@ -224,9 +189,11 @@ async def test_a_body_arriving_in_32768_small_pieces_costs_linear_time(chunked: 
     # and never finish within the generous limit; appending costs milliseconds.
     size, piece = 32 * 1024 * 1024, b"y" * 1024
     parser = RequestParser(max_head=65536, max_headers=100, max_body=size)
-    framing = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % size if chunked else (
-        b"Content-Length: %d\r\n\r\n" % size
-    )  # fmt: skip
+    framing = (
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % size
+        if chunked
+        else (b"Content-Length: %d\r\n\r\n" % size)
+    )
     parser.receive(b"POST / HTTP/1.1\r\nHost: t\r\n" + framing)
     assert parser.read_head() is not None
     body = None

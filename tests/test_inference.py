@@ -238,10 +238,13 @@ async def test_under_a_server_that_cancels_on_disconnect_the_app_starts_no_watch
         raise AssertionError("not an inference route")
 
     scope = {
-        "type": "http", "method": "POST", "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions", "headers": [(b"content-type", b"application/json")],
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "headers": [(b"content-type", b"application/json")],
         "extensions": {CANCEL_ON_DISCONNECT: {}},
-    }  # fmt: skip
+    }
     app = inference_app(gateway, fallback)
     with trio.fail_after(10):
         await register(gateway, [worker.port])

@@ -45,10 +45,26 @@ async def served_gateway() -> AsyncIterator[str]:
 async def inference_load(url: str, *args: str) -> tuple[int, dict[str, Any]]:
     """Run loadtest.py --mode inference (4 connections, ~1 s): its exit code and its JSON line."""
     result = await trio.run_process(
-        [sys.executable, "scripts/loadtest.py", "--mode", "inference", "--url", url,
-         "--connections", "4", "--duration", "1", "--warmup", "0.2", *args],
-        cwd=ROOT, capture_stdout=True, capture_stderr=True, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "scripts/loadtest.py",
+            "--mode",
+            "inference",
+            "--url",
+            url,
+            "--connections",
+            "4",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.2",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     lines = result.stdout.decode().splitlines()
     assert len(lines) == 1, (lines, result.stderr.decode())
     figures: dict[str, Any] = json.loads(lines[0])
@@ -142,15 +158,25 @@ async def exchanges(
 
 async def test_every_framing_is_read_to_its_end(nursery: trio.Nursery) -> None:
     chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    done, conn = await exchanges(nursery, [
-        ([b"HTTP/1.1 100 Continue\r\n\r\n", OK], False),  # interim answers are skipped
-        ([chunked + b"9;ext=1\r\ndata: a\n\n\r\n", b"E\r\ndata: [DONE]\n\n\r\n",
-          b"0\r\nX-Trailer: t\r\n\r\n"], False),
-        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n"], False),
-        ([b"HTTP/1.0 200 OK\r\n\r\nread until the server closes"], True),
-        ([b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"], True),
-        ([b"HTTP/1.1 204 No Content\r\n\r\n"], False),
-    ], stream=True)  # fmt: skip
+    done, conn = await exchanges(
+        nursery,
+        [
+            ([b"HTTP/1.1 100 Continue\r\n\r\n", OK], False),  # interim answers are skipped
+            (
+                [
+                    chunked + b"9;ext=1\r\ndata: a\n\n\r\n",
+                    b"E\r\ndata: [DONE]\n\n\r\n",
+                    b"0\r\nX-Trailer: t\r\n\r\n",
+                ],
+                False,
+            ),
+            ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"0\r\n\r\n"], False),
+            ([b"HTTP/1.0 200 OK\r\n\r\nread until the server closes"], True),
+            ([b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"], True),
+            ([b"HTTP/1.1 204 No Content\r\n\r\n"], False),
+        ],
+        stream=True,
+    )
     assert [d.status for d in done] == [200, 200, 200, 200, 503, 204]
     assert [d.events for d in done] == [0, 2, 0, 0, 0, 0]  # SSE events of the 2xx bodies
     assert all(d.sent <= d.first <= d.last for d in done)

@@ -66,9 +66,17 @@ async def test_churn_and_register_cycle_with_no_unexpected_answer() -> None:
             await gateway.wait_status(leftover.id, "ready", 10)
             auth = ("--admin-api-key", KEY)
             churn_code, churn = await loadtest(
-                url, "--mode", "churn", "--clients", "2", "--duration", "1", *auth,
-                "--worker-urls", *addresses,
-            )  # fmt: skip
+                url,
+                "--mode",
+                "churn",
+                "--clients",
+                "2",
+                "--duration",
+                "1",
+                *auth,
+                "--worker-urls",
+                *addresses,
+            )
             register_code, register = await loadtest(
                 url, "--mode", "register", "--workers", "3", *auth, "--worker-urls", *addresses
             )
@@ -103,9 +111,16 @@ async def test_a_worker_that_never_becomes_ready_is_a_timeout_and_exit_code_1() 
     with trio.fail_after(60):
         async with served(0) as (url, _, gateway, _workers):
             code, churn = await loadtest(
-                url, "--mode", "churn", "--duration", "1", "--cycle-timeout", "0.5",
-                "--worker-urls", "127.0.0.1:1",
-            )  # fmt: skip
+                url,
+                "--mode",
+                "churn",
+                "--duration",
+                "1",
+                "--cycle-timeout",
+                "0.5",
+                "--worker-urls",
+                "127.0.0.1:1",
+            )
             left = gateway.list_workers()
     assert code == 1
     assert churn["cycles"] == 0 and churn["errors"]["timeout"] >= 1, churn

@@ -12,8 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 
@@ -23,32 +22,15 @@ import pytest
 import trio
 
 from actors import open_gateway, worker_spec
-from actors.core.model import ConnectionMode, Detection, ModelCard, Runtime, WorkerSpec
-from actors.core.urls import WorkerUrl
 from actors.registry.service import Gateway
 from api.serve import serve_api
+from scripts.fake_detector import InstantDetector
 from tests.conftest import FAST, StartWorkers, register
+from tests.raw_http import HOST, Handler, Peer, RawServer
 
-HOST = "127.0.0.1"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 CHAT_BYTES = json.dumps(CHAT).encode()
 MiB = 1024 * 1024
-
-
-class ServesM:
-    """Detection stub: every address is an HTTP SGLang worker serving model "m", healthy."""
-
-    async def detect(self, spec: WorkerSpec) -> Detection:
-        url = spec.url if spec.url.scheme is not None else spec.url.with_scheme("http")
-        return Detection(
-            url=url,
-            connection_mode=ConnectionMode.HTTP,
-            runtime=Runtime.SGLANG,
-            models=(ModelCard(id="m"),),
-        )
-
-    async def check_health(self, spec: WorkerSpec, url: WorkerUrl) -> str | None:
-        return None
 
 
 class Gw:
@@ -72,68 +54,24 @@ async def start_gateway(nursery: trio.Nursery, *, server: str = "http1", **confi
 
 
 async def _run_gateway(config: object, *, task_status: trio.TaskStatus[Gateway]) -> None:
-    async with open_gateway(config, detector=ServesM()) as gateway:  # type: ignore[arg-type]
+    async with open_gateway(config, detector=InstantDetector()) as gateway:  # type: ignore[arg-type]
         task_status.started(gateway)
         await trio.sleep_forever()
 
 
-class Peer:
-    """The worker's side of one connection."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def request(self) -> bytes | None:
-        """The next request's head and body, or None once the gateway closed the connection."""
-        try:
-            while b"\r\n\r\n" not in self.buffer:
-                data = await self.stream.receive_some()
-                if not data:
-                    return None
-                self.buffer += data
-            head, _, rest = self.buffer.partition(b"\r\n\r\n")
-            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            length = int(match.group(1)) if match else 0
-            while len(rest) < length:
-                rest += await self.stream.receive_some()
-        except trio.BrokenResourceError:
-            return None
-        self.buffer = rest[length:]
-        return head + b"\r\n\r\n" + rest[:length]
-
-    async def wait_closed(self) -> None:
-        """Return once the gateway closed (or reset) the connection."""
-        try:
-            while await self.stream.receive_some():
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # reset by the gateway, or closed by the script itself
-
-
-Script = Callable[[Peer], Awaitable[None]]
-
-
-class RawWorker:
+class RawWorker(RawServer):
     """A worker whose every connection runs ``script``; ``closed`` is set each time the gateway
     closes one, ``requests`` holds every request head and body it read."""
 
-    def __init__(self, script: Script) -> None:
-        self.script = script
+    def __init__(self, script: Handler) -> None:
+        super().__init__(script)
         self.requests: list[bytes] = []
         self.got_request = trio.Event()
         self.closed = trio.Event()
-        self.port = 0
 
-    async def start(self, nursery: trio.Nursery) -> RawWorker:
-        listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host=HOST))
-        self.port = listeners[0].socket.getsockname()[1]
-        return self
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        peer = Peer(stream)
+    async def handle(self, peer: Peer) -> None:
         try:
-            await self.script(peer)
+            await self.handler(peer)
             await peer.wait_closed()
         finally:
             self.closed.set()
@@ -232,7 +170,7 @@ async def test_a_worker_framing_its_answer_two_ways_is_a_502_and_cannot_forge_th
     assert json.loads(first[2])["error"]["code"] == "upstream_error"
     with trio.fail_after(10):
         await worker.closed.wait()  # the gateway closed its connection to the smuggler
-    assert gw.gateway.dataplane._pool.idle_count(HOST, worker.port) == 0
+    assert gw.gateway._dataplane._pool.idle_count(HOST, worker.port) == 0
 
 
 # ---- item 7: large answers stream through; a short one cuts the client's connection ---------
@@ -344,7 +282,7 @@ async def test_running_out_of_file_descriptors_is_a_503_that_leaves_the_workers_
     assert {a.headers["retry-after"] for a in answers} == {"1"}
     assert {a.json()["error"]["code"] for a in answers} == {"gateway_overloaded"}
     assert len(attempts) == len(answers)  # one connect each: never retried on the other worker
-    assert gateway.dataplane.breakers.states() == {}
+    assert gateway._dataplane.breakers.states() == {}
     assert after.status_code == 200
 
 
@@ -369,7 +307,7 @@ async def test_a_worker_that_never_answers_is_a_504_after_the_configured_read_ti
     assert status == 504
     assert "0.2s" in json.loads(body)["error"]["message"]
     assert 0.2 <= waited < 5
-    assert gw.gateway.dataplane._pool.limits.connect_timeout == FAST.upstream_connect_timeout_secs
+    assert gw.gateway._dataplane._pool.limits.connect_timeout == FAST.upstream_connect_timeout_secs
 
 
 @pytest.mark.parametrize("server", ["http1", "hypercorn"])
@@ -390,7 +328,7 @@ async def test_a_client_that_disconnects_before_a_plain_answer_cancels_the_upstr
         await client.stream.aclose()
         await worker.closed.wait()  # the gateway gave up the upstream request
         await gw.gateway.inflight.wait_idle(worker_id)
-    assert gw.gateway.dataplane.breakers.states() == {}
+    assert gw.gateway._dataplane.breakers.states() == {}
 
 
 # ---- item 11: the hop header ------------------------------------------------------------------

@@ -18,6 +18,7 @@ PURE_DATAPLANE = [
     "actors/dataplane/routing.py",
     "actors/dataplane/prefix_cache.py",
     "actors/dataplane/breaker.py",
+    "actors/dataplane/requests.py",
 ]
 FORBIDDEN = {"trio", "httpx", "quart", "quart_trio", "hypercorn", "anyio", "outcome"}
 

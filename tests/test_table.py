@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, TypeVar
 
 import pytest
 
+from actors import worker_spec as spec
 from actors.core.commands import (
     BeginDrain,
     CancelJob,
@@ -36,11 +36,8 @@ from actors.core.errors import (
 )
 from actors.core.model import (
     ConnectionMode,
-    Detection,
     JobState,
     JobType,
-    ModelCard,
-    Runtime,
     Worker,
     WorkerPatch,
     WorkerSpec,
@@ -48,38 +45,42 @@ from actors.core.model import (
     WorkerType,
 )
 from actors.core.table import WorkerTable
-from actors.core.urls import parse_worker_url
+from tests.specs import UUID, detection, table_state
 
 E = TypeVar("E", bound=GatewayError)
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def spec(url: str, **fields: Any) -> WorkerSpec:
-    return WorkerSpec(url=parse_worker_url(url), **fields)
-
-
-def detection(url: str, *models: str, mode: ConnectionMode = ConnectionMode.HTTP) -> Detection:
-    parsed = parse_worker_url(url)
-    scheme = parsed.scheme or ("grpc" if mode is ConnectionMode.GRPC else "http")
-    return Detection(
-        url=parsed.with_scheme(scheme),
-        connection_mode=mode,
-        runtime=Runtime.VLLM,
-        models=tuple(ModelCard(id=model) for model in models),
-    )
 
 
 def run(table: WorkerTable, command: Command, *, job_slots: int | None = None) -> Worker:
     return table.apply(command, now=10.0, job_slots=job_slots)
 
 
+def mark_ready(worker_id: str, job_id: int, url: str, *models: str) -> MarkReady:
+    """The result of a job whose detection found ``url`` serving ``models``."""
+    return MarkReady(worker_id=worker_id, job_id=job_id, detection=detection(url, *models))
+
+
+def job_result(result: str, worker_id: str, job_id: int) -> Command:
+    """A job's report on ``a:1``: ``ready`` (serving ``m``), ``failed`` or a new ``attempt``."""
+    if result == "ready":
+        return mark_ready(worker_id, job_id, "a:1", "m")
+    if result == "failed":
+        return MarkFailed(worker_id=worker_id, job_id=job_id, reason="x")
+    return StartAttempt(worker_id=worker_id, job_id=job_id, attempt=1)
+
+
 def only_start(table: WorkerTable) -> StartJob:
     [effect] = table.take_effects()
     assert isinstance(effect, StartJob)
     return effect
+
+
+def put(table: WorkerTable, worker: Worker, new_spec: WorkerSpec) -> StartJob:
+    """PUT ``new_spec`` over a live worker: the job that re-detects it."""
+    run(table, ReplaceSpec(worker_id=worker.id, spec=new_spec))
+    return only_start(table)
 
 
 def add(table: WorkerTable, url: str, **fields: Any) -> tuple[Worker, StartJob]:
@@ -89,9 +90,7 @@ def add(table: WorkerTable, url: str, **fields: Any) -> tuple[Worker, StartJob]:
 
 def add_ready(table: WorkerTable, url: str, *models: str, **fields: Any) -> Worker:
     worker, job = add(table, url, **fields)
-    ready = run(
-        table, MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection(url, *models))
-    )
+    ready = run(table, mark_ready(worker.id, job.job_id, url, *models))
     assert table.take_effects() == []
     return ready
 
@@ -103,20 +102,12 @@ def add_failed(table: WorkerTable, url: str) -> Worker:
     return failed
 
 
-def state(table: WorkerTable) -> tuple[object, ...]:
-    """Everything a reader can observe of the table."""
-    snapshot = table.snapshot()
-    return (
-        len(table),
-        dict(table.workers),
-        table.indexes.key_index(),
-        table.indexes.model_index(),
-        table.indexes.type_index(),
-        table.indexes.mode_index(),
-        snapshot.version,
-        dict(snapshot.workers),
-        dict(snapshot.by_key),
-    )
+def add_failed_rechecking(table: WorkerTable, url: str) -> tuple[Worker, StartJob]:
+    """A failed worker and the job of the recheck just started on it."""
+    failed = add_failed(table, url)
+    assert failed.job is not None
+    run(table, RecheckWorker(worker_id=failed.id, job_id=failed.job.job_id))
+    return failed, only_start(table)
 
 
 def refuse(
@@ -124,10 +115,10 @@ def refuse(
 ) -> E:
     """Apply a command that must be refused with ``error`` and must change nothing."""
     assert table.take_effects() == []
-    before = state(table)
+    before = table_state(table)
     with pytest.raises(error) as caught:
         run(table, command, job_slots=job_slots)
-    assert state(table) == before
+    assert table_state(table) == before
     assert table.take_effects() == []
     return caught.value
 
@@ -226,7 +217,7 @@ def test_ids_are_never_reused_across_1000_create_and_remove_cycles() -> None:
         assert worker.id not in seen
         seen.add(worker.id)
         if cycle % 2:  # half go through ready -> draining -> gone, half are removed pending
-            ready = MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1"))
+            ready = mark_ready(worker.id, job.job_id, "a:1")
             run(table, ready)
             run(table, BeginDrain(worker_id=worker.id))
             run(table, FinishDrain(worker_id=worker.id))
@@ -277,7 +268,7 @@ def test_mark_ready_puts_the_workers_models_in_the_model_index_and_the_snapshot(
     other = add_ready(table, "b:2", "m2")
 
     ready = table.apply(
-        MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m1", "m2")),
+        mark_ready(worker.id, job.job_id, "a:1", "m1", "m2"),
         now=3.0,
     )
 
@@ -336,13 +327,7 @@ def test_a_job_result_with_a_stale_job_id_is_refused_and_changes_nothing(result:
     table = WorkerTable()
     worker, job = add(table, "a:1")
     stale = job.job_id + 1000
-    command: Command
-    if result == "ready":
-        command = MarkReady(worker_id=worker.id, job_id=stale, detection=detection("a:1", "m"))
-    elif result == "failed":
-        command = MarkFailed(worker_id=worker.id, job_id=stale, reason="x")
-    else:
-        command = StartAttempt(worker_id=worker.id, job_id=stale, attempt=1)
+    command = job_result(result, worker.id, stale)
 
     error = refuse(table, command, StaleJob)
 
@@ -353,25 +338,17 @@ def test_a_job_result_with_a_stale_job_id_is_refused_and_changes_nothing(result:
 def test_a_second_result_for_a_finished_job_is_stale() -> None:
     table = WorkerTable()
     worker, job = add(table, "a:1")
-    run(table, MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m")))
+    run(table, mark_ready(worker.id, job.job_id, "a:1", "m"))
 
     refuse(table, MarkFailed(worker_id=worker.id, job_id=job.job_id, reason="late"), StaleJob)
-    refuse(
-        table,
-        MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "n")),
-        StaleJob,
-    )
+    refuse(table, mark_ready(worker.id, job.job_id, "a:1", "n"), StaleJob)
 
 
 def test_a_detection_of_another_address_is_refused() -> None:
     table = WorkerTable()
     worker, job = add(table, "a:1")
 
-    error = refuse(
-        table,
-        MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("b:2", "m")),
-        StaleJob,
-    )
+    error = refuse(table, mark_ready(worker.id, job.job_id, "b:2", "m"), StaleJob)
 
     assert "b:2" in error.message
 
@@ -406,15 +383,11 @@ def test_a_put_swaps_spec_and_models_in_place_when_its_detection_succeeds() -> N
     new_spec = spec("HTTP://A:1/", priority=90, worker_type=WorkerType.PREFILL)
     observed_keys: list[dict[str, str]] = []
 
-    run(table, ReplaceSpec(worker_id=old.id, spec=new_spec))
-    job = only_start(table)
+    job = put(table, old, new_spec)
     observed_keys.append(table.indexes.key_index())
     run(table, StartAttempt(worker_id=old.id, job_id=job.job_id, attempt=1))
     observed_keys.append(table.indexes.key_index())
-    swapped = run(
-        table,
-        MarkReady(worker_id=old.id, job_id=job.job_id, detection=detection("a:1", "both", "new")),
-    )
+    swapped = run(table, mark_ready(old.id, job.job_id, "a:1", "both", "new"))
     observed_keys.append(table.indexes.key_index())
 
     assert swapped.id == old.id
@@ -434,8 +407,7 @@ def test_a_put_swaps_spec_and_models_in_place_when_its_detection_succeeds() -> N
 def test_a_failed_put_leaves_the_old_spec_serving_and_says_failed() -> None:
     table = WorkerTable()
     old = add_ready(table, "a:1", "m", priority=10)
-    run(table, ReplaceSpec(worker_id=old.id, spec=spec("a:1", priority=90)))
-    job = only_start(table)
+    job = put(table, old, spec("a:1", priority=90))
 
     after = run(table, MarkFailed(worker_id=old.id, job_id=job.job_id, reason="no models"))
 
@@ -456,8 +428,7 @@ def test_a_failed_put_leaves_the_old_spec_serving_and_says_failed() -> None:
 def test_a_patch_during_a_put_cancels_the_put_and_its_late_result_is_stale() -> None:
     table = WorkerTable()
     old = add_ready(table, "a:1", "m", priority=10)
-    run(table, ReplaceSpec(worker_id=old.id, spec=spec("a:1", priority=90, model_id="x")))
-    put_job = only_start(table)
+    put_job = put(table, old, spec("a:1", priority=90, model_id="x"))
 
     patched = run(table, UpdateSpec(worker_id=old.id, patch=WorkerPatch(priority=20)))
 
@@ -468,11 +439,7 @@ def test_a_patch_during_a_put_cancels_the_put_and_its_late_result_is_stale() -> 
     assert patched.job.job_id == put_job.job_id
     assert patched.job.state is JobState.CANCELLED
     assert patched.job.message is not None and "PATCH" in patched.job.message
-    refuse(
-        table,
-        MarkReady(worker_id=old.id, job_id=put_job.job_id, detection=detection("a:1", "x")),
-        StaleJob,
-    )
+    refuse(table, mark_ready(old.id, put_job.job_id, "a:1", "x"), StaleJob)
     assert table.get(old.id) == patched
     assert models_index(table) == {"m": {old.id}}
 
@@ -480,22 +447,14 @@ def test_a_patch_during_a_put_cancels_the_put_and_its_late_result_is_stale() -> 
 def test_a_put_superseded_by_a_later_put_cannot_swap_its_spec_in() -> None:
     table = WorkerTable()
     old = add_ready(table, "a:1", "m")
-    run(table, ReplaceSpec(worker_id=old.id, spec=spec("a:1", priority=1)))
-    first = only_start(table)
+    first = put(table, old, spec("a:1", priority=1))
     run(table, ReplaceSpec(worker_id=old.id, spec=spec("a:1", priority=2)))
     effects = table.take_effects()
     [second] = [effect for effect in effects if isinstance(effect, StartJob)]
     assert CancelJob(worker_id=old.id, job_id=first.job_id) in effects
 
-    refuse(
-        table,
-        MarkReady(worker_id=old.id, job_id=first.job_id, detection=detection("a:1", "m1")),
-        StaleJob,
-    )
-    swapped = run(
-        table,
-        MarkReady(worker_id=old.id, job_id=second.job_id, detection=detection("a:1", "m2")),
-    )
+    refuse(table, mark_ready(old.id, first.job_id, "a:1", "m1"), StaleJob)
+    swapped = run(table, mark_ready(old.id, second.job_id, "a:1", "m2"))
 
     assert swapped.spec.priority == 2
     assert swapped.spec_version == 2
@@ -505,17 +464,12 @@ def test_a_put_superseded_by_a_later_put_cannot_swap_its_spec_in() -> None:
 def test_a_delete_during_a_put_cancels_the_put_and_its_late_result_cannot_revive_it() -> None:
     table = WorkerTable()
     old = add_ready(table, "a:1", "m")
-    run(table, ReplaceSpec(worker_id=old.id, spec=spec("a:1", priority=1)))
-    put_job = only_start(table)
+    put_job = put(table, old, spec("a:1", priority=1))
 
     draining = run(table, BeginDrain(worker_id=old.id))
 
     assert CancelJob(worker_id=old.id, job_id=put_job.job_id) in table.take_effects()
-    refuse(
-        table,
-        MarkReady(worker_id=old.id, job_id=put_job.job_id, detection=detection("a:1", "m")),
-        StaleJob,
-    )
+    refuse(table, mark_ready(old.id, put_job.job_id, "a:1", "m"), StaleJob)
     assert table.get(old.id) == draining
     assert draining.status is WorkerStatus.DRAINING
 
@@ -537,11 +491,7 @@ def test_a_put_of_a_pending_worker_restarts_its_registration_with_the_new_spec()
     assert replaced.spec == new_spec
     assert replaced.spec_version == 2
     assert replaced.job is not None and replaced.job.job_id == effects[1].job_id
-    refuse(
-        table,
-        MarkReady(worker_id=worker.id, job_id=add_job.job_id, detection=detection("a:1", "m")),
-        StaleJob,
-    )
+    refuse(table, mark_ready(worker.id, add_job.job_id, "a:1", "m"), StaleJob)
     assert table.indexes.mode_index() == {ConnectionMode.GRPC: frozenset({worker.id})}
 
 
@@ -686,9 +636,7 @@ def test_a_patch_of_a_pending_worker_applies_at_once_and_keeps_its_registration_
     assert patched.status is WorkerStatus.PENDING
     assert patched.spec.priority == 99
     assert patched.job == worker.job
-    ready = run(
-        table, MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m"))
-    )
+    ready = run(table, mark_ready(worker.id, job.job_id, "a:1", "m"))
     assert ready.spec.priority == 99
     assert ready.spec_version == 2
 
@@ -710,11 +658,7 @@ def test_delete_of_a_pending_worker_removes_it_at_once_and_cancels_its_registrat
     assert table.snapshot().get(worker.id) is None
     assert table.indexes.key_index() == {}
     assert table.indexes.type_index() == {}
-    refuse(
-        table,
-        MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m")),
-        WorkerNotFound,
-    )
+    refuse(table, mark_ready(worker.id, job.job_id, "a:1", "m"), WorkerNotFound)
     assert run(table, CreateWorker(spec=spec("a:1"))).id != worker.id  # the address is free
 
 
@@ -761,12 +705,12 @@ def test_a_second_delete_of_a_draining_worker_is_accepted_and_changes_nothing() 
     worker = add_ready(table, "a:1", "m")
     first = run(table, BeginDrain(worker_id=worker.id))
     table.take_effects()
-    before = state(table)
+    before = table_state(table)
 
     second = run(table, BeginDrain(worker_id=worker.id))
 
     assert second == first
-    assert state(table) == before
+    assert table_state(table) == before
     assert table.take_effects() == []
 
 
@@ -778,13 +722,7 @@ def test_a_job_result_naming_the_remove_job_of_a_draining_worker_is_stale(result
     table.take_effects()
     assert draining.job is not None
     remove_job = draining.job.job_id
-    command: Command
-    if result == "ready":
-        command = MarkReady(worker_id=worker.id, job_id=remove_job, detection=detection("a:1", "m"))
-    elif result == "failed":
-        command = MarkFailed(worker_id=worker.id, job_id=remove_job, reason="x")
-    else:
-        command = StartAttempt(worker_id=worker.id, job_id=remove_job, attempt=1)
+    command = job_result(result, worker.id, remove_job)
 
     refuse(table, command, StaleJob)
 
@@ -845,9 +783,7 @@ def test_retry_of_a_failed_worker_restarts_its_registration_under_the_same_id() 
     assert retried.status is WorkerStatus.PENDING
     assert retried.job is not None
     assert (retried.job.job_id, retried.job.state) == (start.job_id, JobState.QUEUED)
-    ready = run(
-        table, MarkReady(worker_id=failed.id, job_id=start.job_id, detection=detection("a:1", "m"))
-    )
+    ready = run(table, mark_ready(failed.id, start.job_id, "a:1", "m"))
     assert ready.status is WorkerStatus.READY
     assert models_index(table) == {"m": {failed.id}}
 
@@ -881,14 +817,9 @@ def test_recheck_of_a_failed_worker_starts_a_recheck_keeping_the_failure_message
 
 def test_a_recheck_that_succeeds_makes_the_failed_worker_ready_under_the_same_id() -> None:
     table = WorkerTable()
-    failed = add_failed(table, "a:1")
-    assert failed.job is not None
-    run(table, RecheckWorker(worker_id=failed.id, job_id=failed.job.job_id))
-    start = only_start(table)
+    failed, start = add_failed_rechecking(table, "a:1")
 
-    ready = run(
-        table, MarkReady(worker_id=failed.id, job_id=start.job_id, detection=detection("a:1", "m"))
-    )
+    ready = run(table, mark_ready(failed.id, start.job_id, "a:1", "m"))
 
     assert ready.id == failed.id
     assert ready.status is WorkerStatus.READY
@@ -897,10 +828,7 @@ def test_a_recheck_that_succeeds_makes_the_failed_worker_ready_under_the_same_id
 
 def test_a_recheck_that_fails_keeps_the_worker_failed_with_the_new_reason() -> None:
     table = WorkerTable()
-    failed = add_failed(table, "a:1")
-    assert failed.job is not None
-    run(table, RecheckWorker(worker_id=failed.id, job_id=failed.job.job_id))
-    start = only_start(table)
+    failed, start = add_failed_rechecking(table, "a:1")
 
     after = run(table, MarkFailed(worker_id=failed.id, job_id=start.job_id, reason="still down"))
 
@@ -928,20 +856,13 @@ def test_a_recheck_with_another_job_id_or_of_a_worker_that_is_not_failed_is_stal
 
 def test_a_retry_supersedes_a_running_recheck() -> None:
     table = WorkerTable()
-    failed = add_failed(table, "a:1")
-    assert failed.job is not None
-    run(table, RecheckWorker(worker_id=failed.id, job_id=failed.job.job_id))
-    recheck = only_start(table)
+    failed, recheck = add_failed_rechecking(table, "a:1")
 
     run(table, RetryWorker(worker_id=failed.id))
 
     effects = table.take_effects()
     assert CancelJob(worker_id=failed.id, job_id=recheck.job_id) in effects
-    refuse(
-        table,
-        MarkReady(worker_id=failed.id, job_id=recheck.job_id, detection=detection("a:1", "m")),
-        StaleJob,
-    )
+    refuse(table, mark_ready(failed.id, recheck.job_id, "a:1", "m"), StaleJob)
 
 
 def test_a_recheck_with_no_free_job_slot_is_a_503() -> None:
@@ -977,12 +898,12 @@ def test_set_health_flips_whether_a_ready_worker_is_routable() -> None:
 def test_set_health_to_the_current_value_publishes_nothing_new() -> None:
     table = WorkerTable()
     worker = add_ready(table, "a:1", "m")
-    before = state(table)
+    before = table_state(table)
 
     same = run(table, SetHealth(worker_id=worker.id, healthy=True))
 
     assert same == worker
-    assert state(table) == before
+    assert table_state(table) == before
 
 
 @pytest.mark.parametrize("status", ["pending", "failed"])
@@ -1032,7 +953,7 @@ def test_a_snapshot_taken_before_a_command_is_not_changed_by_it() -> None:
     before = table.snapshot()
     frozen = (before.version, dict(before.workers), dict(before.by_key), dict(before.by_model))
 
-    run(table, MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m")))
+    run(table, mark_ready(worker.id, job.job_id, "a:1", "m"))
     run(table, UpdateSpec(worker_id=worker.id, patch=WorkerPatch(labels={"k": "v"})))
     run(table, BeginDrain(worker_id=other.id))
     run(table, CreateWorker(spec=spec("c:3")))
@@ -1054,7 +975,7 @@ def test_the_snapshot_version_grows_with_every_change_and_only_then() -> None:
     versions = [table.snapshot().version]
     worker, job = add(table, "a:1")
     versions.append(table.snapshot().version)
-    run(table, MarkReady(worker_id=worker.id, job_id=job.job_id, detection=detection("a:1", "m")))
+    run(table, mark_ready(worker.id, job.job_id, "a:1", "m"))
     versions.append(table.snapshot().version)
     refuse(table, CreateWorker(spec=spec("a:1")), WorkerAlreadyExists)
     versions.append(table.snapshot().version)

@@ -3,9 +3,7 @@ every step, every accepted command does what its rule says, and a refused one ch
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -17,51 +15,35 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from actors.core.commands import (
-    BeginDrain,
-    CancelJob,
-    Command,
-    CreateWorker,
-    Effect,
-    FinishDrain,
-    MarkFailed,
-    MarkReady,
-    RecheckWorker,
-    ReplaceSpec,
-    RetryWorker,
-    SetHealth,
-    StartAttempt,
-    StartJob,
-    UpdateSpec,
-)
-from actors.core.errors import (
+from actors import (
     GatewayError,
     PreconditionFailed,
     RegistryBusy,
-    StaleJob,
     UrlMismatch,
     WorkerAlreadyExists,
     WorkerDraining,
     WorkerNotFailed,
     WorkerNotFound,
+    worker_spec,
 )
+from actors.core import commands
+from actors.core.commands import CancelJob, Command, Effect, StartJob
+from actors.core.errors import StaleJob
 from actors.core.model import (
     ConnectionMode,
-    Detection,
     JobState,
     JobType,
-    ModelCard,
     Runtime,
     Worker,
     WorkerPatch,
-    WorkerSpec,
     WorkerStatus,
     WorkerType,
 )
 from actors.core.table import WorkerTable
 from actors.core.urls import parse_worker_url
+from tests import specs
+from tests.specs import UUID, table_state
 
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ADDRESSES = [("a", 1), ("b", 2), ("[::1]", 3), ("10.0.0.7", 80)]
 SPELLINGS = [
     spelling
@@ -85,10 +67,6 @@ class Outcome:
     effects: list[Effect] = field(default_factory=list)
 
 
-def _spec(url: str, **fields: Any) -> WorkerSpec:
-    return WorkerSpec(url=parse_worker_url(url), **fields)
-
-
 class TableMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -100,16 +78,6 @@ class TableMachine(RuleBasedStateMachine):
 
     # ---- the one way a command is applied ----------------------------------------------
 
-    def observe(self) -> tuple[object, ...]:
-        return (
-            self.table.snapshot().version,
-            dict(self.table.workers),
-            self.table.indexes.key_index(),
-            self.table.indexes.model_index(),
-            self.table.indexes.type_index(),
-            self.table.indexes.mode_index(),
-        )
-
     def apply(
         self,
         command: Command,
@@ -120,13 +88,13 @@ class TableMachine(RuleBasedStateMachine):
         """Apply ``command``: refused exactly when ``problems`` is not empty, with one of them,
         and then nothing changed."""
         assert self.table.take_effects() == []
-        before = self.observe()
+        before = table_state(self.table)
         self.now += 1.0
         try:
             worker = self.table.apply(command, now=self.now, job_slots=job_slots)
         except GatewayError as error:
             assert type(error) in problems, f"{command} refused with {error!r}; {problems=}"
-            assert self.observe() == before, f"refused {command} changed the table"
+            assert table_state(self.table) == before, f"refused {command} changed the table"
             assert self.table.take_effects() == [], f"refused {command} left effects"
             return Outcome(error=error)
         assert not problems, f"{command} was accepted despite {problems}"
@@ -170,7 +138,7 @@ class TableMachine(RuleBasedStateMachine):
     def create(
         self, url: str, model_id: str | None, worker_type: WorkerType, data: st.DataObject
     ) -> None:
-        spec = _spec(url, model_id=model_id, worker_type=worker_type)
+        spec = worker_spec(url, model_id=model_id, worker_type=worker_type)
         job_slots = self.slots(data)
         existing = self.table.indexes.key_index().get(spec.url.key)
         problems: set[type[GatewayError]] = set()
@@ -179,7 +147,7 @@ class TableMachine(RuleBasedStateMachine):
         if job_slots == 0:
             problems.add(RegistryBusy)
 
-        outcome = self.apply(CreateWorker(spec=spec), problems, job_slots=job_slots)
+        outcome = self.apply(commands.CreateWorker(spec=spec), problems, job_slots=job_slots)
 
         if isinstance(outcome.error, WorkerAlreadyExists):
             assert outcome.error.worker_id == existing
@@ -236,13 +204,7 @@ class TableMachine(RuleBasedStateMachine):
         url = job.spec.url
         if data.draw(st.integers(0, 9), label="wrong address?") == 0:
             url = parse_worker_url("elsewhere:9")
-        scheme = url.scheme or ("grpc" if mode is ConnectionMode.GRPC else "http")
-        detection = Detection(
-            url=url.with_scheme(scheme),
-            connection_mode=mode,
-            runtime=Runtime.SGLANG,
-            models=tuple(ModelCard(id=model) for model in sorted(models)),
-        )
+        detection = specs.detection(url, *sorted(models), mode=mode, runtime=Runtime.SGLANG)
         before = self.table.get(job.worker_id)
         problems: set[type[GatewayError]] = set()
         if before is None:
@@ -256,11 +218,15 @@ class TableMachine(RuleBasedStateMachine):
         command: Command
         if result == "attempt":
             attempt = data.draw(st.integers(1, 5), label="attempt")
-            command = StartAttempt(worker_id=job.worker_id, job_id=job.job_id, attempt=attempt)
+            command = commands.StartAttempt(
+                worker_id=job.worker_id, job_id=job.job_id, attempt=attempt
+            )
         elif result == "ready":
-            command = MarkReady(worker_id=job.worker_id, job_id=job.job_id, detection=detection)
+            command = commands.MarkReady(
+                worker_id=job.worker_id, job_id=job.job_id, detection=detection
+            )
         else:
-            command = MarkFailed(worker_id=job.worker_id, job_id=job.job_id, reason="down")
+            command = commands.MarkFailed(worker_id=job.worker_id, job_id=job.job_id, reason="down")
 
         outcome = self.apply(command, problems)
 
@@ -321,7 +287,7 @@ class TableMachine(RuleBasedStateMachine):
                 st.sampled_from([s for s in SPELLINGS if parse_worker_url(s).key == before.key]),
                 label="same address",
             )
-        spec = _spec(url, priority=priority, model_id=model_id)
+        spec = worker_spec(url, priority=priority, model_id=model_id)
         if_match = self.if_match(data, before)
         job_slots = self.slots(data)
         problems: set[type[GatewayError]] = set()
@@ -338,7 +304,7 @@ class TableMachine(RuleBasedStateMachine):
                 problems.add(RegistryBusy)
 
         outcome = self.apply(
-            ReplaceSpec(worker_id=worker_id, spec=spec, if_match=if_match),
+            commands.ReplaceSpec(worker_id=worker_id, spec=spec, if_match=if_match),
             problems,
             job_slots=job_slots,
         )
@@ -385,7 +351,7 @@ class TableMachine(RuleBasedStateMachine):
             problems.add(PreconditionFailed)
 
         outcome = self.apply(
-            UpdateSpec(worker_id=worker_id, patch=patch, if_match=if_match), problems
+            commands.UpdateSpec(worker_id=worker_id, patch=patch, if_match=if_match), problems
         )
 
         after = outcome.worker
@@ -415,7 +381,7 @@ class TableMachine(RuleBasedStateMachine):
         before = self.table.get(worker_id)
         problems: set[type[GatewayError]] = set() if before else {WorkerNotFound}
 
-        outcome = self.apply(BeginDrain(worker_id=worker_id), problems)
+        outcome = self.apply(commands.BeginDrain(worker_id=worker_id), problems)
 
         if outcome.worker is None:
             return
@@ -448,7 +414,7 @@ class TableMachine(RuleBasedStateMachine):
         elif before.status is not WorkerStatus.DRAINING:
             problems.add(StaleJob)
 
-        outcome = self.apply(FinishDrain(worker_id=worker_id), problems)
+        outcome = self.apply(commands.FinishDrain(worker_id=worker_id), problems)
 
         if outcome.worker is not None:
             assert self.table.get(worker_id) is None
@@ -468,7 +434,9 @@ class TableMachine(RuleBasedStateMachine):
             if job_slots == 0:
                 problems.add(RegistryBusy)
 
-        outcome = self.apply(RetryWorker(worker_id=worker_id), problems, job_slots=job_slots)
+        outcome = self.apply(
+            commands.RetryWorker(worker_id=worker_id), problems, job_slots=job_slots
+        )
 
         if outcome.worker is not None:
             assert outcome.worker.status is WorkerStatus.PENDING
@@ -502,7 +470,9 @@ class TableMachine(RuleBasedStateMachine):
                 problems.add(RegistryBusy)
 
         outcome = self.apply(
-            RecheckWorker(worker_id=worker_id, job_id=job_id), problems, job_slots=job_slots
+            commands.RecheckWorker(worker_id=worker_id, job_id=job_id),
+            problems,
+            job_slots=job_slots,
         )
 
         if outcome.worker is not None:
@@ -522,7 +492,7 @@ class TableMachine(RuleBasedStateMachine):
         elif before.status not in (WorkerStatus.READY, WorkerStatus.DRAINING):
             problems.add(StaleJob)
 
-        outcome = self.apply(SetHealth(worker_id=worker_id, healthy=healthy), problems)
+        outcome = self.apply(commands.SetHealth(worker_id=worker_id, healthy=healthy), problems)
 
         if outcome.worker is not None:
             assert outcome.worker.is_healthy is healthy

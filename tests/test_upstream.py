@@ -9,12 +9,8 @@ servers that never answer.
 from __future__ import annotations
 
 import errno
-import re
-import socket
 import ssl
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +19,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.dataplane.upstream.pool import (
+from actors.dataplane.upstream.connection import (
     BadResponse,
     BodyTooLarge,
     ConnectFailed,
@@ -31,72 +27,16 @@ from actors.dataplane.upstream.pool import (
     ReadTimedOut,
     ResourcesExhausted,
     UpstreamError,
-    UpstreamLimits,
-    UpstreamPool,
 )
+from actors.dataplane.upstream.pool import UpstreamLimits, UpstreamPool
+from tests.raw_http import HOST, Handler, Peer, RawServer
 
-HOST = "127.0.0.1"
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-Handler = Callable[["Peer"], Awaitable[None]]
 
 
-class Peer:
-    """The server's side of one connection."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.tcp = stream
-        self.stream: trio.abc.Stream = stream  # replaced by an SSLStream in the TLS test
-        self.buffer = b""
-
-    async def request(self) -> bytes | None:
-        """The next request (head and body), or None once the client closed the connection."""
-        try:
-            while b"\r\n\r\n" not in self.buffer:
-                data = await self.stream.receive_some()
-                if not data:
-                    return None
-                self.buffer += data
-            head, _, rest = self.buffer.partition(b"\r\n\r\n")
-            match = re.search(rb"\r\ncontent-length: (\d+)", head)
-            length = int(match.group(1)) if match else 0
-            while len(rest) < length:
-                rest += await self.stream.receive_some()
-        except trio.BrokenResourceError:
-            return None
-        self.buffer = rest[length:]
-        return head + b"\r\n\r\n" + rest[:length]
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def reset(self) -> None:
-        """Close with a TCP reset instead of a FIN."""
-        linger = struct.pack("ii", 1, 0)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        await self.stream.aclose()
-
-
-class Server:
-    """Counts connections; each one is handed to ``handler``."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.accepted = 0
-        self.port = 0
-
-    async def start(self, nursery: trio.Nursery) -> Server:
-        listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host=HOST))
-        self.port = listeners[0].socket.getsockname()[1]
-        return self
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        self.accepted += 1
-        await self.handler(Peer(stream))
-
-
-async def serve(nursery: trio.Nursery, handler: Handler) -> Server:
-    return await Server(handler).start(nursery)
+async def serve(nursery: trio.Nursery, handler: Handler) -> RawServer:
+    return await RawServer(handler).start(nursery)
 
 
 def answer_each(response: bytes, closed: trio.Event | None = None) -> Handler:

@@ -3,14 +3,19 @@
 A GatewayConfig checks itself when constructed (``actors/core/validation.py``'s rules: the defaults
 workers inherit follow exactly the rules of the same fields of a WorkerSpec); a bad value raises
 InvalidInput, a ValueError, naming the field.
+
+The fields are the single source of their defaults and help: a field whose metadata comes from
+``flag(...)`` is a ``tmg serve`` option and a config-file key (``api/cli.py`` reads its name,
+type, default, help and choices from here).
 """
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from actors.core import validation as check
 from actors.core.addresses import check_worker_address, parse_networks
@@ -20,29 +25,75 @@ from actors.dataplane.routing import POLICIES
 
 T = TypeVar("T")
 _INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+FLAG = "flag"  # the metadata key of a field that is a ``tmg serve`` option
+
+
+def flag(
+    help: str,
+    *,
+    name: str | None = None,
+    metavar: str | None = None,
+    choices: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Field metadata: the field is a ``tmg serve`` option, ``--<name>`` (by default the field's
+    name with dashes), and a config-file key (the option's name with underscores)."""
+    return {FLAG: {"help": help, "name": name, "metavar": metavar, "choices": choices}}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GatewayConfig:
-    registration_concurrency: int = 8  # workflow tasks running detection at once
-    registration_queue_size: int = 1024  # jobs waiting; when full, POST answers 503
+    registration_concurrency: int = field(
+        default=8, metadata=flag("registrations detected at once (workflow tasks)")
+    )
+    registration_queue_size: int = field(
+        default=1024, metadata=flag("registrations waiting; beyond it POST /workers answers 503")
+    )
     inbox_size: int = 1024  # envelopes waiting for the registry (asks beyond wait)
-    max_connection_attempts: int = 20
-    registration_timeout_secs: float = 60.0
-    recheck_interval_secs: float = 30.0  # re-probe of a failed worker; 0 turns it off
-    drain_timeout_secs: float = 30.0
+    max_connection_attempts: int = field(default=20, metadata=flag("default per worker"))
+    registration_timeout_secs: float = field(default=60.0, metadata=flag("default per worker"))
+    recheck_interval_secs: float = field(
+        default=30.0, metadata=flag("default re-probe interval of a failed worker (0: off)")
+    )
+    drain_timeout_secs: float = field(default=30.0, metadata=flag("default per worker"))
     backoff_initial_secs: float = 0.1  # between detection attempts, doubling
     backoff_max_secs: float = 5.0
     ask_timeout_secs: float = 10.0  # an ask the registry does not answer in time is a 503
-    policy: str = "round_robin"  # the default routing policy (actors/dataplane/routing.py)
-    retries: int = 2  # a failed proxied request is retried on up to this many other workers
+    policy: str = field(
+        default="round_robin", metadata=flag("default routing policy", choices=POLICIES)
+    )
+    retries: int = field(
+        default=2,
+        metadata=flag("a failed inference request is retried on up to this many other workers"),
+    )
     breaker_failures: int = 5  # consecutive proxy failures that open a worker's breaker
     breaker_cooldown_secs: float = 10.0  # then one probe request is let through
-    upstream_connect_timeout_secs: float = 5.0  # connecting to a worker (TCP and TLS)
-    upstream_read_timeout_secs: float = 300.0  # a worker's response head, and each body gap
-    # networks a worker address may lie in although the address rules refuse them by default
-    # (link-local, cloud metadata, ...): CIDR strings such as "169.254.10.0/24"
-    allowed_networks: tuple[str, ...] = ()
+    upstream_connect_timeout_secs: float = field(
+        default=5.0,
+        metadata=flag("time to connect to a worker (TCP and TLS) before trying another"),
+    )
+    upstream_read_timeout_secs: float = field(
+        default=300.0,
+        metadata=flag(
+            "time a worker may take to start its answer, and between two pieces of a stream"
+        ),
+    )
+    allowed_networks: tuple[str, ...] = field(
+        default=(),
+        metadata=flag(
+            "allow worker addresses in this network although the address rules refuse it "
+            "(link-local, metadata, ...); repeatable",
+            name="allow-network",
+            metavar="CIDR",
+        ),
+    )
+    state: str = field(
+        default=":memory:",
+        metadata=flag(
+            "where the registry is kept: :memory: (nothing survives the process) or a SQLite "
+            "file's path (created if missing, in an existing directory)",
+            metavar="PATH",
+        ),
+    )
     # names this gateway in loop detection (the x-tmg-gateway answer header and the x-tmg-via
     # hop header); random per gateway
     instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
@@ -91,6 +142,14 @@ class GatewayConfig:
         return float(min(self.backoff_initial_secs * 2.0**doublings, self.backoff_max_secs))
 
 
+def _state(field: str, value: object) -> str:
+    """``:memory:`` or a file path (the store checks the file itself when it opens it)."""
+    text = check.text(field, value)
+    if not text or "\x00" in text:
+        raise InvalidInput(field, "must be :memory: or a file path")
+    return text
+
+
 def _instance_id(field: str, value: object) -> str:
     """Sent in the x-tmg-via hop header and the x-tmg-gateway answer header: a short token."""
     text = check.text(field, value)
@@ -114,6 +173,7 @@ CONFIG_FIELDS: dict[str, check.Checker] = {
     "upstream_connect_timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
     "upstream_read_timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
     "allowed_networks": check.string_list,
+    "state": _state,
     "instance_id": _instance_id,
 }
 

@@ -5,22 +5,27 @@ spec, what detection found, the lifecycle status and the status of the job worki
 Mappings held by these values are never mutated after construction: changes make new values.
 
 The values a caller builds (``WorkerSpec``, ``HealthConfig``, ``WorkerPatch``) check themselves
-when constructed, with the rules of ``actors/core/validation.py`` that the HTTP API uses too:
-a string URL is parsed, an enum field takes its string value, a bad value raises
-``InvalidInput`` naming the field. So an actor only ever sees a valid spec. ``SPEC_FIELDS``,
-``HEALTH_FIELDS`` and ``PATCH_FIELDS`` are those rules, one checker per field.
+when constructed, with the body models defined here (``WorkerSpecBody``, ``HealthBody``,
+``WorkerPatchBody``), which the HTTP API parses with and the OpenAPI document is made from: a
+string URL is parsed, an enum field takes its string value, a bad value raises ``InvalidInput``
+naming the field. So an actor only ever sees a valid spec. ``SPEC_FIELDS``, ``HEALTH_FIELDS``
+and ``PATCH_FIELDS`` are the field names of each body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from functools import cache, partial
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.functional_validators import AfterValidator
 
 from actors.core import validation as check
 from actors.core.errors import InvalidInput, PreconditionFailed
-from actors.core.urls import WorkerUrl, parse_worker_url
+from actors.core.urls import MAX_URL_BYTES, WorkerUrl, parse_worker_url
 
 WorkerId = str
 
@@ -66,6 +71,186 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"
 
 
+# ---- the bodies: each defined once ------------------------------------------------------------
+#
+# These pydantic models are the only definition of the worker bodies. The HTTP API parses with
+# them (api/schemas.py), the values below validate their fields with them, and the OpenAPI
+# document's request schemas are their JSON Schema (api/openapi.py). Types are strict ("5" is
+# not an integer, true is not a number, 5.0 is not an integer: an integer is written without a
+# point or exponent; an integer is a number). Unknown fields are refused at every level. None
+# (null) means "not given": the value's default. Two rules are checked by code, beyond what the
+# schema states (its descriptions say them): the url's syntax and bootstrap_port only with
+# worker_type prefill. Text limits are in UTF-8 bytes; the schema's maxLength (characters)
+# states the same number, so it never allows more.
+
+API_KEY_RULE = (
+    "printable ASCII without spaces or control characters "
+    "(it is sent as an Authorization: Bearer header)"
+)
+
+
+def _url_text(value: object) -> object:
+    """A WorkerUrl (built by hand, maybe) is checked by parsing its text again."""
+    if isinstance(value, WorkerUrl):
+        if not isinstance(value.scheme, str | None) or not isinstance(value.host, str):
+            raise InvalidInput("url", "must have a string host (build it with parse_worker_url)")
+        return value.text
+    return value
+
+
+Seconds = Annotated[float, Field(le=check.MAX_SECONDS)]
+TimeoutSecs = Annotated[Seconds, Field(ge=check.MIN_TIMEOUT_SECS)]
+IdleSecs = Annotated[Seconds, Field(ge=0)]
+Threshold = Annotated[int, Field(ge=1, le=check.MAX_THRESHOLD)]
+Text = Annotated[
+    str,
+    Field(min_length=1, max_length=check.MAX_TEXT_BYTES),
+    check.at_most_bytes(check.MAX_TEXT_BYTES),
+]
+LabelKey = Annotated[
+    str,
+    Field(min_length=1, max_length=check.MAX_LABEL_KEY_BYTES),
+    check.at_most_bytes(check.MAX_LABEL_KEY_BYTES),
+]
+LabelValue = Annotated[
+    str,
+    Field(max_length=check.MAX_LABEL_VALUE_BYTES),
+    check.at_most_bytes(check.MAX_LABEL_VALUE_BYTES),
+]
+Url = Annotated[
+    str,
+    Field(
+        max_length=MAX_URL_BYTES,
+        description=(
+            "http://H:P, https://H:P, grpc://H:P, grpcs://H:P or bare H:P; checked by code beyond "
+            "this schema: no path, query, fragment or userinfo; a port 1-65535; IPv4 as four "
+            "decimal numbers; some addresses are refused (README: Worker addresses)"
+        ),
+    ),
+    BeforeValidator(_url_text),
+    AfterValidator(parse_worker_url),
+]
+ApiKey = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=check.MAX_TEXT_BYTES,
+        pattern=r"^[!-~]+$",
+        description=API_KEY_RULE,
+        json_schema_extra={"writeOnly": True},
+    ),
+]
+Priority = Annotated[int, Field(ge=0, le=100)]
+Cost = Annotated[float, Field(gt=0, le=check.MAX_SECONDS)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Attempts = Annotated[int, Field(ge=1, le=check.MAX_ATTEMPTS)]
+RecheckSecs = (
+    Annotated[float, Field(ge=0, le=0, title="off")]
+    | Annotated[Seconds, Field(ge=check.MIN_RECHECK_INTERVAL_SECS)]
+)
+
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class HealthBody(BaseModel):
+    """A worker's health checks; in a PATCH, only the fields given change."""
+
+    model_config = ConfigDict(**_STRICT, title="HealthConfig")
+
+    timeout_secs: TimeoutSecs | None = None
+    check_interval_secs: Annotated[Seconds, Field(ge=check.MIN_CHECK_INTERVAL_SECS)] | None = None
+    failure_threshold: Threshold | None = None
+    success_threshold: Threshold | None = None
+    disable: bool | None = None
+    drain_settle_secs: IdleSecs | None = None
+
+
+class WorkerSpecBody(BaseModel):
+    """What an operator asks for (POST and PUT bodies). bootstrap_port is accepted only with
+    worker_type prefill (checked beyond this schema)."""
+
+    model_config = ConfigDict(**_STRICT, title="WorkerSpec")
+
+    url: Url
+    model_id: (
+        Annotated[Text, Field(description="skip model detection, serve this model")] | None
+    ) = None
+    worker_type: Annotated[WorkerType, Field(strict=False)] | None = None
+    bootstrap_port: Annotated[Port, Field(description="only with worker_type prefill")] | None = (
+        None
+    )
+    runtime: Annotated[Runtime, Field(strict=False)] | None = None
+    priority: Priority | None = None
+    cost: Cost | None = None
+    labels: Annotated[dict[LabelKey, LabelValue], Field(max_length=check.MAX_LABELS)] | None = None
+    api_key: ApiKey | None = None
+    health: HealthBody | None = None
+    max_connection_attempts: Attempts | None = None
+    registration_timeout_secs: TimeoutSecs | None = None
+    recheck_interval_secs: (
+        Annotated[RecheckSecs, Field(description="0 turns rechecks off")] | None
+    ) = None
+    drain_timeout_secs: IdleSecs | None = None
+
+    @model_validator(mode="after")
+    def _bootstrap_port_only_with_prefill(self) -> WorkerSpecBody:
+        if self.bootstrap_port is not None and self.worker_type is not WorkerType.PREFILL:
+            raise InvalidInput("bootstrap_port", "is only accepted with worker_type prefill")
+        return self
+
+
+class WorkerPatchBody(BaseModel):
+    """A PATCH: only the fields given change; labels merge (a label set to null is removed),
+    health merges. url cannot change."""
+
+    model_config = ConfigDict(**_STRICT, title="WorkerPatch")
+
+    priority: Priority | None = None
+    cost: Cost | None = None
+    labels: (
+        Annotated[dict[LabelKey, LabelValue | None], Field(max_length=check.MAX_LABELS)] | None
+    ) = None
+    api_key: ApiKey | None = None
+    health: HealthBody | None = None
+
+
+# ---- the values -----------------------------------------------------------------------------
+
+
+def _given(body: BaseModel) -> dict[str, Any]:
+    """The fields of a validated body that are not None ("not given")."""
+    return {name: value for name, value in body.__dict__.items() if value is not None}
+
+
+def _write_back(instance: object, body: BaseModel) -> None:
+    """Keep what validation made of each field (an enum member, a float for an int, a parsed
+    URL, a private copy of a mapping); a None field takes the dataclass's default."""
+    for name, value in body.__dict__.items():
+        if value is None:
+            if getattr(instance, name) is None:
+                continue
+            kind: Any = instance.__class__
+            value = _defaults(kind)[name]()
+        if value is not getattr(instance, name):
+            object.__setattr__(instance, name, value)
+
+
+@cache
+def _defaults(kind: Any) -> dict[str, Callable[[], Any]]:
+    """Each field's default, as a factory."""
+    made: dict[str, Callable[[], Any]] = {}
+    for item in fields(kind):
+        factory: Any = item.default_factory
+        if item.default is not MISSING:
+            factory = partial(_same, item.default)
+        made[item.name] = factory
+    return made
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HealthConfig:
     timeout_secs: float = 5.0
@@ -77,34 +262,11 @@ class HealthConfig:
 
     def __post_init__(self) -> None:
         # always named as the ``health`` of a spec or patch: the same name the API gives it
-        check.check_attributes(self, "health", HEALTH_FIELDS)
+        values = {name: getattr(self, name) for name in HEALTH_FIELDS}
+        _write_back(self, check.validate(HealthBody, values, "health"))
 
 
-HEALTH_FIELDS: dict[str, check.Checker] = {
-    "timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
-    "check_interval_secs": check.seconds(check.MIN_CHECK_INTERVAL_SECS),
-    "failure_threshold": check.integer(1, check.MAX_THRESHOLD),
-    "success_threshold": check.integer(1, check.MAX_THRESHOLD),
-    "disable": check.boolean,
-    "drain_settle_secs": check.seconds(0),
-}
-
-
-def _health(field: str, value: object) -> HealthConfig:
-    """A HealthConfig, or a mapping of its fields (unknown names refused; null: the default)."""
-    if isinstance(value, HealthConfig):
-        return value
-    return HealthConfig(**check.check_mapping(field, value, HEALTH_FIELDS))
-
-
-def _url(field: str, value: object) -> WorkerUrl:
-    """A URL string is parsed; a WorkerUrl is parsed again from its text, so one built by hand
-    is canonical (or refused) too."""
-    if isinstance(value, WorkerUrl):
-        if not isinstance(value.scheme, str | None) or not isinstance(value.host, str):
-            raise InvalidInput(field, "must have a string host (build it with parse_worker_url)")
-        return parse_worker_url(value.text)
-    return parse_worker_url(check.text(field, value))
+HEALTH_FIELDS = tuple(HealthBody.model_fields)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -112,7 +274,8 @@ class WorkerSpec:
     """What an operator asks for. ``None`` timing fields take the gateway's defaults.
 
     ``url`` may be given as a string (``WorkerSpec(url="127.0.0.1:8000")``): it is parsed and the
-    WorkerUrl kept. Enum fields take their string values; ``health`` may be a mapping.
+    WorkerUrl kept. Enum fields take their string values; ``health`` may be a mapping. Validated
+    with ``WorkerSpecBody``, as a POST body is.
     """
 
     url: WorkerUrl
@@ -131,35 +294,29 @@ class WorkerSpec:
     drain_timeout_secs: float | None = None
 
     def __post_init__(self) -> None:
-        check.check_attributes(self, "", SPEC_FIELDS)
-        if self.bootstrap_port is not None and self.worker_type is not WorkerType.PREFILL:
-            raise InvalidInput("bootstrap_port", "is only accepted with worker_type prefill")
+        values = {name: getattr(self, name) for name in SPEC_FIELDS}
+        health = values["health"]
+        if isinstance(health, HealthConfig):  # it validated itself
+            del values["health"]
+        labels = values["labels"]
+        if isinstance(labels, Mapping) and not isinstance(labels, dict):
+            values["labels"] = dict(labels)
+        body = check.validate(WorkerSpecBody, values)
+        if isinstance(body.health, HealthBody):  # type: ignore[attr-defined]
+            object.__setattr__(body, "health", HealthConfig(**_given(body.health)))  # type: ignore[attr-defined]
+        elif isinstance(health, HealthConfig):
+            object.__setattr__(body, "health", health)
+        _write_back(self, body)
 
 
-SPEC_FIELDS: dict[str, check.Checker] = {
-    "url": _url,
-    "model_id": check.optional(check.text),
-    "worker_type": check.choice(WorkerType),
-    "bootstrap_port": check.optional(check.integer(1, 65535)),
-    "runtime": check.optional(check.choice(Runtime)),
-    "priority": check.integer(0, 100),
-    "cost": check.number(0, above=True),
-    "labels": check.labels,
-    "api_key": check.optional(check.secret_token),
-    "health": _health,
-    # None: the gateway's default (GatewayConfig checks those with the same rules)
-    **{name: check.optional(rule) for name, rule in check.WORKER_DEFAULTS.items()},
-}
-
-
-def _health_changes(field: str, value: object) -> dict[str, Any]:
-    return check.check_mapping(field, value, HEALTH_FIELDS)
+SPEC_FIELDS = tuple(WorkerSpecBody.model_fields)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkerPatch:
     """A PATCH: only the fields that are not None change. A label set to None is removed.
-    ``health`` maps HealthConfig field names to new values (unknown names are refused)."""
+    ``health`` maps HealthConfig field names to new values (unknown names are refused).
+    Validated with ``WorkerPatchBody``, as a PATCH body is."""
 
     priority: int | None = None
     cost: float | None = None
@@ -168,7 +325,15 @@ class WorkerPatch:
     health: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        check.check_attributes(self, "", PATCH_FIELDS)
+        values = {name: getattr(self, name) for name in PATCH_FIELDS}
+        for name in ("labels", "health"):
+            given = values[name]
+            if isinstance(given, Mapping) and not isinstance(given, dict):
+                values[name] = dict(given)
+        body = check.validate(WorkerPatchBody, values)
+        if isinstance(body.health, HealthBody):  # type: ignore[attr-defined]
+            object.__setattr__(body, "health", _given(body.health))  # type: ignore[attr-defined]
+        _write_back(self, body)
 
     def apply(self, spec: WorkerSpec) -> WorkerSpec:
         changes: dict[str, Any] = {}
@@ -191,16 +356,7 @@ class WorkerPatch:
         return replace(spec, **changes)
 
 
-PATCH_FIELDS: dict[str, check.Checker] = {
-    name: check.optional(checker)
-    for name, checker in {
-        "priority": SPEC_FIELDS["priority"],
-        "cost": SPEC_FIELDS["cost"],
-        "labels": check.patch_labels,
-        "api_key": check.secret_token,
-        "health": _health_changes,
-    }.items()
-}
+PATCH_FIELDS = tuple(WorkerPatchBody.model_fields)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,12 +5,17 @@ refused command leaves nothing half-done. Every change goes through ``_put``/``_
 (``WorkerIndexes``: overwrite the record, then diff the indexes), so no index ever lags its
 record and a replaced worker is never missing from an index. Work that needs I/O (detection,
 cancelling a workflow) is returned as effects for the registry actor to carry out.
+
+**Changes.** The table also records which workers each batch of commands touched
+(``take_changes()``: the ids to write and the ids to delete, for the store) together with what
+they were before, so a batch the store refused can be taken back (``undo(changes)``): the table
+never holds what the store did not keep.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from actors.core import commands as cmd
 from actors.core import errors
@@ -19,6 +24,7 @@ from actors.core.jobs import JobBook, Replacement, UuidSource, require_job
 from actors.core.model import (
     Detection,
     JobState,
+    JobStatus,
     JobType,
     Worker,
     WorkerId,
@@ -27,6 +33,24 @@ from actors.core.model import (
     WorkerStatus,
 )
 from actors.core.snapshot import RegistrySnapshot
+
+
+@dataclass(slots=True)
+class Changes:
+    """What the table changed since the previous ``take_changes()``.
+
+    ``upserted``: workers to write (their current record); ``deleted``: workers that are gone
+    (an id is in at most one of the two). ``before`` and ``replacing`` are for ``undo``: each
+    touched worker as it was (None: it did not exist) and the replacements in progress."""
+
+    upserted: set[WorkerId] = field(default_factory=set)
+    deleted: set[WorkerId] = field(default_factory=set)
+    before: dict[WorkerId, Worker | None] = field(default_factory=dict)
+    replacing: dict[WorkerId, Replacement] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.upserted and not self.deleted
 
 
 class WorkerTable:
@@ -41,12 +65,14 @@ class WorkerTable:
         self._indexes = WorkerIndexes()
         self._workers = self._indexes.workers  # read here; changed only via _put/_delete
         self._jobs = JobBook(queue_size, first_job_id)
+        self._changes = Changes()
 
     # ---- the one entry point the registry actor uses -------------------------------------
 
     def apply(self, command: cmd.Command, *, now: float, job_slots: int | None = None) -> Worker:
         """Run one command. ``job_slots`` is how many more jobs the queue can take now."""
         self._jobs.slots = self._jobs.queue_size if job_slots is None else job_slots
+        self._remember_replacing()
         match command:
             case cmd.CreateWorker(spec=spec):
                 return self.create(spec, now=now)
@@ -75,19 +101,68 @@ class WorkerTable:
     def next_job_id(self) -> int:
         return self._jobs.next_id
 
-    def adopt(self, worker: Worker, *, now: float) -> None:
-        """Take in a worker from a dump; work in progress restarts (actors/core/persistence.py)."""
+    def adopt(self, worker: Worker, *, now: float, replacement: WorkerSpec | None = None) -> None:
+        """Take in a stored worker after a restart (actors/core/codec.py). Work that was in
+        progress restarts from its first attempt under a new job: a registration or retry of a
+        pending worker, a recheck of a failed one, and a PUT (``replacement``: the spec it was
+        detecting) of a ready one (without it, the PUT is recorded as cancelled and the old spec
+        keeps serving). A draining worker is dropped (nothing is in flight after a restart) and
+        recorded as deleted. Only a worker whose record changes is recorded as upserted."""
+        self._remember_replacing()
         job = worker.job
+        active = job is not None and job.active
         if worker.status is WorkerStatus.DRAINING:
+            self._changes.before.setdefault(worker.id, None)
+            self._changes.deleted.add(worker.id)
             return
         if worker.status is WorkerStatus.PENDING:
-            job = self._jobs.start(worker.id, JobType.ADD, worker.spec, now)
-        elif job is not None and job.active:
-            job = replace(job, state=JobState.CANCELLED, message="the gateway restarted")
-        self._put(replace(worker, job=job))
+            job_type = job.job_type if job is not None and active else JobType.ADD
+            if job_type not in (JobType.ADD, JobType.RETRY):
+                job_type = JobType.ADD
+            job = self._jobs.start(worker.id, job_type, worker.spec, now)
+        elif job is not None and active:
+            if worker.status is WorkerStatus.FAILED and job.job_type is JobType.RECHECK:
+                message = job.message
+                job = self._jobs.start(worker.id, JobType.RECHECK, worker.spec, now)
+                job = replace(job, message=message)
+            elif job.job_type is JobType.REPLACE and replacement is not None:
+                job = self._jobs.start(worker.id, JobType.REPLACE, replacement, now)
+                self._jobs.replacing[worker.id] = Replacement(job.job_id, replacement)
+            else:
+                job = replace(job, state=JobState.CANCELLED, message="the gateway restarted")
+        if job is worker.job:
+            self._indexes.put(worker)  # unchanged: nothing to write back
+        else:
+            self._put(replace(worker, job=job))
 
     def take_effects(self) -> list[cmd.Effect]:
         return self._jobs.take_effects()
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call (see ``Changes``); starts a new record."""
+        changes, self._changes = self._changes, Changes()
+        return changes
+
+    def undo(self, changes: Changes) -> None:
+        """Take back ``changes`` (the last ``take_changes()``, nothing applied since): every
+        touched worker is as it was, the replacements in progress too, and the effects not yet
+        taken are dropped. Counters are not wound back (ids and job ids are only skipped)."""
+        for worker_id, old in changes.before.items():
+            current = self._workers.get(worker_id)
+            if old is not None:
+                self._indexes.put(old)
+            elif current is not None:
+                self._indexes.delete(current)
+        if changes.replacing is not None:
+            self._jobs.replacing.clear()
+            self._jobs.replacing.update(changes.replacing)
+        self._jobs.take_effects()
+        self._changes = Changes()
+
+    def replacement(self, worker_id: WorkerId) -> WorkerSpec | None:
+        """The spec a PUT of this worker is detecting, if one is in progress."""
+        swap = self._jobs.replacing.get(worker_id)
+        return None if swap is None else swap.spec
 
     # ---- rules -------------------------------------------------------------------------
 
@@ -134,16 +209,7 @@ class WorkerTable:
                     updated_at=now,
                 )
             )
-        return self._put(
-            replace(
-                worker,
-                status=WorkerStatus.READY,
-                detection=detection,
-                is_healthy=True,
-                job=done,
-                updated_at=now,
-            )
-        )
+        return self._registered(worker, detection, done, now=now)
 
     def mark_failed(self, worker_id: WorkerId, job_id: int, reason: str, *, now: float) -> Worker:
         worker = self._require(worker_id)
@@ -152,16 +218,7 @@ class WorkerTable:
         if job.job_type is JobType.REPLACE:  # the old spec keeps serving
             del self._jobs.replacing[worker_id]
             return self._put(replace(worker, job=failed, updated_at=now))
-        return self._put(
-            replace(
-                worker,
-                status=WorkerStatus.FAILED,
-                detection=None,
-                is_healthy=False,
-                job=failed,
-                updated_at=now,
-            )
-        )
+        return self._registered(worker, None, failed, now=now)
 
     def replace(
         self, worker_id: WorkerId, spec: WorkerSpec, *, if_match: int | None, now: float
@@ -289,9 +346,39 @@ class WorkerTable:
             raise errors.WorkerNotFound(worker_id)
         return worker
 
+    def _registered(
+        self, worker: Worker, detection: Detection | None, job: JobStatus, *, now: float
+    ) -> Worker:
+        """A registration ended: ready (and healthy) with its detection, or failed without."""
+        status = WorkerStatus.FAILED if detection is None else WorkerStatus.READY
+        return self._put(
+            replace(
+                worker,
+                status=status,
+                detection=detection,
+                is_healthy=detection is not None,
+                job=job,
+                updated_at=now,
+            )
+        )
+
+    def _remember_replacing(self) -> None:
+        if self._changes.replacing is None:
+            self._changes.replacing = dict(self._jobs.replacing)
+
     def _put(self, worker: Worker) -> Worker:
+        changes = self._changes
+        if worker.id not in changes.before:
+            changes.before[worker.id] = self._workers.get(worker.id)
+        changes.deleted.discard(worker.id)
+        changes.upserted.add(worker.id)
         return self._indexes.put(worker)
 
     def _delete(self, worker: Worker) -> None:
+        changes = self._changes
+        if worker.id not in changes.before:
+            changes.before[worker.id] = worker
+        changes.upserted.discard(worker.id)
+        changes.deleted.add(worker.id)
         self._indexes.delete(worker)
         self._jobs.forget(worker)

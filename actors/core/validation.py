@@ -1,11 +1,14 @@
 """The rules a value from outside must pass before the gateway takes it (pure).
 
-One definition serves every door: the HTTP API (``api/schemas.py``), the values a library caller
-builds (``WorkerSpec``, ``HealthConfig``, ``WorkerPatch`` and ``GatewayConfig`` check themselves
-in ``__post_init__``) and the command line (which builds a ``GatewayConfig``). A checker takes
-the field's name (dotted when nested: ``health.timeout_secs``) and the raw value, and returns the
-value to keep or raises ``InvalidInput`` naming the field. Messages never echo a secret, and
-never show more than a short excerpt of what was sent.
+The worker bodies (``WorkerSpec``, its ``health``, the PATCH body) are defined once, as pydantic
+models in ``actors/core/model.py``; ``validate`` applies one and turns pydantic's first error into
+an ``InvalidInput`` in the gateway's words (``refusal``), written from the field's JSON Schema, so
+what a refusal says a field must be is what the OpenAPI document says. ``GatewayConfig`` and the
+command line use the checkers below: a checker takes the field's name (dotted when nested:
+``health.timeout_secs``) and the raw value, and returns the value to keep or raises
+``InvalidInput`` naming the field; ``WORKER_DEFAULTS`` are the spec's own fields as checkers
+(``field_checker``). Messages never echo a secret, and never show more than a short excerpt of
+what was sent.
 
 Bounds, and why (README "Limits"):
 
@@ -27,7 +30,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from enum import Enum
+from functools import cache
 from typing import Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from actors.core.errors import InvalidInput
 
@@ -106,19 +113,6 @@ def text(field: str, value: object) -> str:
     return value
 
 
-def secret_token(field: str, value: object) -> str:
-    """A credential sent as ``Authorization: Bearer <value>``: printable ASCII, no spaces. The
-    message never quotes it."""
-    checked = text(field, value)
-    if not all("!" <= char <= "~" for char in checked):
-        raise InvalidInput(
-            field,
-            "must be printable ASCII without spaces or control characters "
-            "(it is sent as an Authorization: Bearer header)",
-        )
-    return checked
-
-
 def integer(low: int, high: int) -> Checker:
     def check(field: str, value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -134,21 +128,6 @@ def _real(field: str, value: object) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(field, f"must be a number, not {kind(value)}")
     return value
-
-
-def number(low: float, high: float = MAX_SECONDS, *, above: bool = False) -> Checker:
-    """A finite number in ``[low, high]`` (``(low, high]`` when ``above``), kept as a float.
-    Bounds are compared before any conversion, so a huge integer cannot overflow."""
-    bounds = f"above {low:g} and at most {high:g}" if above else f"from {low:g} to {high:g}"
-
-    def check(field: str, value: object) -> float:
-        real = _real(field, value)
-        fits = (real > low if above else real >= low) and real <= high  # NaN fits nowhere
-        if not fits:
-            raise InvalidInput(field, f"must be a finite number {bounds}, not {shown(value)}")
-        return float(real)
-
-    return check
 
 
 def seconds(minimum: float, *, zero_turns_off: bool = False) -> Checker:
@@ -171,26 +150,6 @@ def seconds(minimum: float, *, zero_turns_off: bool = False) -> Checker:
     return check
 
 
-def boolean(field: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidInput(field, f"must be true or false, not {kind(value)}")
-    return value
-
-
-def choice(enum: type[E]) -> Callable[[str, object], E]:
-    """A member of ``enum``, or its string value."""
-
-    def check(field: str, value: object) -> E:
-        if isinstance(value, enum):
-            return value
-        allowed = [member.value for member in enum]
-        if not isinstance(value, str) or value not in allowed:
-            raise InvalidInput(field, f"must be one of {', '.join(allowed)}, not {shown(value)}")
-        return enum(value)
-
-    return check
-
-
 def one_of(allowed: tuple[str, ...]) -> Checker:
     def check(field: str, value: object) -> str:
         if not isinstance(value, str) or value not in allowed:
@@ -198,39 +157,6 @@ def one_of(allowed: tuple[str, ...]) -> Checker:
         return value
 
     return check
-
-
-def optional(checker: Callable[[str, object], T]) -> Callable[[str, object], T | None]:
-    """``checker``, or None (the field is unset)."""
-
-    def check(field: str, value: object) -> T | None:
-        return None if value is None else checker(field, value)
-
-    return check
-
-
-def labels(field: str, value: object, *, allow_null: bool = False) -> dict[str, Any]:
-    """Operator labels: string keys and values (a PATCH may set a value to null: remove it)."""
-    if not isinstance(value, Mapping):
-        raise InvalidInput(field, f"must be an object of strings, not {kind(value)}")
-    if len(value) > MAX_LABELS:
-        raise InvalidInput(field, f"has {len(value)} labels; at most {MAX_LABELS} are accepted")
-    for key, item in value.items():
-        if not isinstance(key, str):
-            raise InvalidInput(field, f"keys must be strings, not {kind(key)}")
-        if not key or utf8_size(field, key) > MAX_LABEL_KEY_BYTES:
-            raise InvalidInput(field, f"keys must be 1 to {MAX_LABEL_KEY_BYTES} bytes")
-        if item is None and allow_null:
-            continue
-        if not isinstance(item, str):
-            raise InvalidInput(f"{field}.{key}", f"must be a string, not {kind(item)}")
-        if utf8_size(f"{field}.{key}", item) > MAX_LABEL_VALUE_BYTES:
-            raise InvalidInput(f"{field}.{key}", f"is longer than {MAX_LABEL_VALUE_BYTES} bytes")
-    return dict(value)
-
-
-def patch_labels(field: str, value: object) -> dict[str, Any]:
-    return labels(field, value, allow_null=True)
 
 
 def string_list(field: str, value: object) -> tuple[str, ...]:
@@ -243,33 +169,26 @@ def string_list(field: str, value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
-# The timing fields a WorkerSpec sets and GatewayConfig gives defaults for: one rule for both.
-WORKER_DEFAULTS: dict[str, Checker] = {
-    "max_connection_attempts": integer(1, MAX_ATTEMPTS),
-    "registration_timeout_secs": seconds(MIN_TIMEOUT_SECS),
-    "recheck_interval_secs": seconds(MIN_RECHECK_INTERVAL_SECS, zero_turns_off=True),
-    "drain_timeout_secs": seconds(0),
-}
+# The timing fields a WorkerSpec sets and GatewayConfig gives defaults for: the spec's fields.
+WORKER_DEFAULT_NAMES = (
+    "max_connection_attempts",
+    "registration_timeout_secs",
+    "recheck_interval_secs",
+    "drain_timeout_secs",
+)
+
+
+def __getattr__(name: str) -> dict[str, Checker]:
+    """``WORKER_DEFAULTS``: a checker per WorkerSpec timing field, made from the spec's body
+    model (imported late: the model imports this module)."""
+    if name == "WORKER_DEFAULTS":
+        from actors.core.model import WorkerSpecBody
+
+        return {field: field_checker(WorkerSpecBody, field) for field in WORKER_DEFAULT_NAMES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- whole objects -------------------------------------------------------------------------
-
-
-def check_mapping(where: str, data: object, checkers: Mapping[str, Checker]) -> dict[str, Any]:
-    """The fields of a JSON-like object: unknown names are refused, never ignored; a null value
-    means "not given" and is dropped; every other value is checked."""
-    if not isinstance(data, Mapping):
-        raise InvalidInput(where, f"must be an object, not {kind(data)}")
-    values = {}
-    for name, raw in data.items():
-        field = dotted(where, str(name))
-        checker = checkers.get(name) if isinstance(name, str) else None
-        if checker is None:
-            known = ", ".join(sorted(checkers))
-            raise InvalidInput(field, f"unknown field (accepted: {known})")
-        if raw is not None:
-            values[name] = checker(field, raw)
-    return values
 
 
 def check_attributes(instance: object, where: str, checkers: Mapping[str, Checker]) -> None:
@@ -299,3 +218,170 @@ def require_worker_id(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput("worker_id", f"must be a string, not {kind(value)}")
     return value
+
+
+# ---- bodies defined as pydantic models ----------------------------------------------------
+
+
+def at_most_bytes(limit: int) -> Any:
+    """A pydantic validator: at most ``limit`` bytes of UTF-8 (the schema's maxLength counts
+    characters, so it says the same number and never allows more)."""
+
+    def check(value: str) -> str:
+        if len(value.encode()) > limit:  # a lone surrogate never gets here (string_unicode)
+            raise PydanticCustomError(
+                "utf8_too_long", "is longer than {limit} bytes", {"limit": limit}
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def validate(model: type[BaseModel], values: dict[str, Any], where: str = "") -> BaseModel:
+    """``values`` as ``model``, or the first problem as an InvalidInput (field dotted under
+    ``where``)."""
+    try:
+        return model.__pydantic_validator__.validate_python(values)  # type: ignore[no-any-return]
+    except ValidationError as error:
+        raise refusal(model, error.errors(include_url=False)[0], where) from None
+
+
+def field_checker(model: type[BaseModel], name: str) -> Callable[[str, object], Any]:
+    """A checker ``(field, value) -> value`` for one field of ``model`` (None refused): for
+    values kept outside a body with the same rules, such as GatewayConfig's worker defaults."""
+    annotation: Any = model.model_fields[name].annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(
+        annotation, config=ConfigDict(strict=True, allow_inf_nan=False)
+    )
+
+    def check(field: str, value: object) -> Any:
+        if value is None:
+            schema = _schema(model)
+            words = describe(schema, schema["properties"][name], name)
+            raise InvalidInput(field, f"must be {words}, not null")
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as error:
+            detail = error.errors(include_url=False)[0]
+            detail["loc"] = (name, *detail["loc"])
+            raise refusal(model, detail, field.removesuffix(name).removesuffix(".")) from None
+
+    return check
+
+
+@cache
+def _schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
+
+
+_TYPE_ERRORS = {"int_type", "float_type", "string_type", "bool_type", "dict_type", "model_type"}
+
+
+def refusal(model: type[BaseModel], error: ErrorDetails, where: str = "") -> InvalidInput:
+    """One pydantic error as the gateway's InvalidInput: the field dotted, the message in the
+    gateway's words, written from the field's JSON Schema (never echoing a secret)."""
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, InvalidInput):  # a rule checked by code names its field itself
+        return cause
+    root = _schema(model)
+    path, schema, is_key = _locate(root, error["loc"])
+    value, kind_of_error = error["input"], error["type"]
+    field = dotted(where, ".".join(path))
+    if kind_of_error == "extra_forbidden":
+        known = ", ".join(sorted(schema.get("properties", {})))
+        return InvalidInput(
+            dotted(field, str(error["loc"][-1])), f"unknown field (accepted: {known})"
+        )
+    if kind_of_error == "missing":
+        return InvalidInput(dotted(field, str(error["loc"][-1])), "is required")
+    if kind_of_error == "string_unicode":
+        return InvalidInput(field, "is not valid Unicode text (lone surrogate)")
+    if is_key:
+        if kind_of_error == "string_type":
+            return InvalidInput(field, f"keys must be strings, not {kind(value)}")
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        return InvalidInput(field, f"keys must be {low} to {high} bytes")
+    if kind_of_error == "too_long" and schema.get("type") == "object":
+        limit = schema.get("maxProperties")
+        return InvalidInput(field, f"has {len(value)} labels; at most {limit} are accepted")
+    if kind_of_error in ("utf8_too_long", "string_too_long", "too_long"):
+        return InvalidInput(field, f"is longer than {schema.get('maxLength')} bytes")
+    if kind_of_error == "string_too_short" and schema.get("minLength") == 1:
+        return InvalidInput(field, "must not be empty")
+    words = describe(root, schema, path[-1] if path else "")
+    secret = schema.get("writeOnly", False)
+    wrong_type = kind_of_error in _TYPE_ERRORS and not (
+        kind_of_error == "float_type" and isinstance(value, int) and not isinstance(value, bool)
+    )
+    if wrong_type:
+        return InvalidInput(field, f"must be {words}, not {kind(value)}")
+    return InvalidInput(
+        field, f"must be {words}" if secret else f"must be {words}, not {shown(value)}"
+    )
+
+
+def _resolve(root: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """Follow a $ref, and a nullable anyOf with a single other branch."""
+    while True:
+        if "$ref" in schema:
+            schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+            continue
+        branches = [item for item in schema.get("anyOf", ()) if item != {"type": "null"}]
+        if len(branches) == 1:
+            schema = {**{k: v for k, v in schema.items() if k != "anyOf"}, **branches[0]}
+            continue
+        return schema
+
+
+def _locate(
+    root: dict[str, Any], loc: tuple[int | str, ...]
+) -> tuple[list[str], dict[str, Any], bool]:
+    """The JSON names along ``loc`` (pydantic's union tags dropped), the schema where they lead
+    (for an unknown field: the object's), and whether the error is about a mapping's key (then
+    the schema is the mapping's ``propertyNames``)."""
+    path: list[str] = []
+    schema = parent = _resolve(root, root)
+    for part in loc:
+        if part == "[key]":
+            return path[:-1], _resolve(root, parent.get("propertyNames", {})), True
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        if isinstance(part, str) and part in properties:
+            parent, schema = schema, _resolve(root, properties[part])
+        elif isinstance(extra, dict):
+            parent, schema = schema, _resolve(root, extra)
+        else:
+            break
+        path.append(str(part))
+    return path, schema, False
+
+
+def describe(root: dict[str, Any], schema: dict[str, Any], name: str = "") -> str:
+    """What a value under ``schema`` must be, in words ("an integer from 0 to 100")."""
+    schema = _resolve(root, schema)
+    if "anyOf" in schema:
+        branches = [item for item in schema["anyOf"] if item != {"type": "null"}]
+        return " or ".join(describe(root, item, name) for item in branches)
+    if "enum" in schema:
+        return "one of " + ", ".join(str(item) for item in schema["enum"])
+    low, high = schema.get("minimum"), schema.get("maximum")
+    match schema.get("type"):
+        case "boolean":
+            return "true or false"
+        case "integer":
+            return f"an integer from {low} to {high}"
+        case "number" if low is not None and low == high:
+            return f"{low:g} ({schema['title']})" if "title" in schema else f"{low:g}"
+        case "number":
+            unit = "a number of seconds" if name.endswith("_secs") else "a number"
+            if "exclusiveMinimum" in schema:
+                return f"{unit} above {schema['exclusiveMinimum']:g} and at most {high:g}"
+            return f"{unit} from {low:g} to {high:g}"
+        case "string" if "pattern" in schema:
+            return str(schema.get("description", f"a string matching {schema['pattern']}"))
+        case "string":
+            return "a string"
+        case "object" if isinstance(schema.get("additionalProperties"), dict):
+            return "an object of strings"
+        case _:
+            return "an object"

@@ -28,45 +28,46 @@ from actors.core.snapshot import RegistrySnapshot
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-class _StateCollector(Collector):
-    def __init__(
-        self,
-        snapshot: Callable[[], RegistrySnapshot],
-        in_flight: Callable[[], Mapping[WorkerId, int]],
-        breakers: Callable[[], Mapping[WorkerId, int]],
-        inbox_depth: Callable[[], int],
-    ) -> None:
-        self._snapshot = snapshot
-        self._in_flight = in_flight
-        self._breakers = breakers
-        self._inbox_depth = inbox_depth
+class _Gauges(Collector):
+    """Gauges computed when scraped."""
+
+    def __init__(self, read: Callable[[], Iterator[GaugeMetricFamily]]) -> None:
+        self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        workers = self._snapshot().workers.values()
-        by_status = Tally(worker.status.value for worker in workers)
-        family = GaugeMetricFamily("tmg_workers", "Registered workers by status", labels=["status"])
-        for status in WorkerStatus:
-            family.add_metric([status.value], by_status[status.value])
-        yield family
-        unhealthy = sum(1 for w in workers if w.status is WorkerStatus.READY and not w.is_healthy)
-        yield GaugeMetricFamily("tmg_workers_unhealthy", "Ready workers failing health", unhealthy)
-        family = GaugeMetricFamily(
-            "tmg_worker_in_flight", "Requests in flight per worker", labels=["worker_id"]
-        )
-        for worker_id, count in self._in_flight().items():
-            family.add_metric([worker_id], count)
-        yield family
-        family = GaugeMetricFamily(
-            "tmg_circuit_breaker_state",
-            "Circuit breaker per worker: 0 closed, 1 open, 2 half-open",
-            labels=["worker_id"],
-        )
-        for worker_id, state in self._breakers().items():
-            family.add_metric([worker_id], state)
-        yield family
-        yield GaugeMetricFamily(
-            "tmg_registry_inbox_depth", "Asks waiting for the registry", self._inbox_depth()
-        )
+        return self._read()
+
+
+def _state_gauges(
+    snapshot: RegistrySnapshot,
+    in_flight: Mapping[WorkerId, int],
+    breakers: Mapping[WorkerId, int],
+    inbox_depth: int,
+) -> Iterator[GaugeMetricFamily]:
+    workers = snapshot.workers.values()
+    by_status = Tally(worker.status.value for worker in workers)
+    family = GaugeMetricFamily("tmg_workers", "Registered workers by status", labels=["status"])
+    for status in WorkerStatus:
+        family.add_metric([status.value], by_status[status.value])
+    yield family
+    unhealthy = sum(1 for w in workers if w.status is WorkerStatus.READY and not w.is_healthy)
+    yield GaugeMetricFamily("tmg_workers_unhealthy", "Ready workers failing health", unhealthy)
+    yield _per_worker("tmg_worker_in_flight", "Requests in flight per worker", in_flight)
+    yield _per_worker(
+        "tmg_circuit_breaker_state",
+        "Circuit breaker per worker: 0 closed, 1 open, 2 half-open",
+        breakers,
+    )
+    yield GaugeMetricFamily(
+        "tmg_registry_inbox_depth", "Asks waiting for the registry", inbox_depth
+    )
+
+
+def _per_worker(name: str, documentation: str, values: Mapping[WorkerId, int]) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=["worker_id"])
+    for worker_id, value in values.items():
+        family.add_metric([worker_id], value)
+    return family
 
 
 class GatewayMetrics:
@@ -82,19 +83,12 @@ class GatewayMetrics:
             ["model", "worker_id", "code"],
             registry=self.registry,
         )
-        self.duration = Histogram(
-            "tmg_request_duration_seconds",
-            "Time from a request's arrival to the end of its answer",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+        self.duration = self._latency(
+            "tmg_request_duration_seconds", "Time from a request's arrival to the end of its answer"
         )
-        self.ttfb = Histogram(
+        self.ttfb = self._latency(
             "tmg_time_to_first_byte_seconds",
             "Time from a request's arrival to the first byte of its answer",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
         )
         self.retries = Counter(
             "tmg_retries", "Requests retried on another worker", ["model"], registry=self.registry
@@ -104,6 +98,12 @@ class GatewayMetrics:
             "Registration workflows by outcome",
             ["outcome"],
             registry=self.registry,
+        )
+
+    def _latency(self, name: str, documentation: str) -> Histogram:
+        """A histogram of seconds by model."""
+        return Histogram(
+            name, documentation, ["model"], buckets=LATENCY_BUCKETS, registry=self.registry
         )
 
     def count_request(self, model: str, worker_id: WorkerId, code: int) -> None:
@@ -137,7 +137,9 @@ class GatewayMetrics:
         """Report the state gauges from their owners at scrape time; only workers in the
         snapshot get new request series."""
         self._registered = lambda worker_id: worker_id in snapshot().workers
-        self.registry.register(_StateCollector(snapshot, in_flight, breakers, inbox_depth))
+        self.registry.register(
+            _Gauges(lambda: _state_gauges(snapshot(), in_flight(), breakers(), inbox_depth()))
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

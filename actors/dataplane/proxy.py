@@ -47,9 +47,19 @@ Headers = list[tuple[bytes, bytes]]
 # never copied from a worker's answer: connection-level headers, and Content-Length (set from
 # the framing the pool checked, see the module docstring)
 NOT_FORWARDED = frozenset(
-    (b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
-     b"proxy-connection", b"date", b"server", b"content-length")
-)  # fmt: skip
+    (
+        b"connection",
+        b"keep-alive",
+        b"transfer-encoding",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-connection",
+        b"date",
+        b"server",
+        b"content-length",
+    )
+)
 SMALL_ANSWER = 64 * 1024  # a sized answer up to this is read whole and sent in one piece
 LOOP_DETECTED = 508
 
@@ -228,16 +238,19 @@ class DataPlane:
             if w.status is WorkerStatus.READY
         ):
             return Refusal(
-                501, "grpc_not_supported",
+                501,
+                "grpc_not_supported",
                 f"model {model!r} is served only by gRPC workers; this gateway proxies HTTP only",
-            )  # fmt: skip
+            )
         waiting = any(
             w.status is WorkerStatus.PENDING and w.spec.model_id is None
             for w in snapshot.workers.values()
         )
         if listed or waiting:
             return Refusal(
-                503, "no_available_workers",
-                f"no worker for model {model!r} can take a request now", retry_after=1,
-            )  # fmt: skip
+                503,
+                "no_available_workers",
+                f"no worker for model {model!r} can take a request now",
+                retry_after=1,
+            )
         return Refusal(404, "model_not_found", f"no worker serves model {model!r}")

@@ -43,6 +43,7 @@ from itertools import repeat
 from actors.core.model import Worker, WorkerId
 from actors.dataplane.prefix_cache import PrefixTree
 
+# every policy's name: GatewayConfig.policy and `tmg serve --policy` take their choices from here
 POLICIES = ("round_robin", "random", "power_of_two", "consistent_hash", "cache_aware")
 DEFAULT_PRIORITY = 50  # the weight of an all-priority-0 set is DEFAULT_PRIORITY / cost
 MIN_COST = 1e-6  # keeps every weight finite

@@ -7,12 +7,18 @@ leaves READY). Each task probes every ``check_interval_secs`` (HTTP ``GET /healt
 preface for a gRPC worker), counts consecutive results, and when ``failure_threshold`` failures
 or ``success_threshold`` successes flip the worker's health, asks the registry (``SetHealth``):
 the result goes through the registry actor like every other mutation.
+
+After a restart, the workers recovered ``ready`` (``probe_now``) serve at once on their stored
+health and are probed at once, not after an interval, and that first probe decides alone (a
+threshold of one): a worker that went away while the gateway was down leaves routing within
+one probe timeout. A flip the registry could not store (``StoreUnavailable``) is not taken:
+the streak starts again and the next probes ask again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 
 import trio
@@ -23,6 +29,7 @@ from actors.core.model import HealthConfig, Worker, WorkerId, WorkerStatus
 from actors.core.snapshot import RegistrySnapshot
 from actors.registry.detection import Probe
 from actors.registry.mailbox import Outbox, ask
+from actors.registry.registry import StoreUnavailable
 
 log = logging.getLogger("tmg.health")
 COALESCE_SECS = 0.05  # a worker is looked at once it has been ready this long (probes come later)
@@ -40,9 +47,11 @@ async def run_health_checker(
     current: Callable[[], RegistrySnapshot],
     changed: Callable[[], Awaitable[None]],
     *,
+    probe_now: Collection[WorkerId] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     probing: dict[WorkerId, _Probing] = {}
+    at_once = set(probe_now)  # recovered ready workers: probed without waiting an interval
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -62,7 +71,11 @@ async def run_health_checker(
                 if worker_id not in probing:
                     scope = trio.CancelScope()
                     probing[worker_id] = _Probing(worker.spec.health, scope)
-                    nursery.start_soon(_probe_forever, registry, prober, current, worker, scope)
+                    first = worker_id in at_once
+                    at_once.discard(worker_id)
+                    nursery.start_soon(
+                        _probe_forever, registry, prober, current, worker, scope, first
+                    )
             await changed()
             await trio.sleep(COALESCE_SECS)  # under churn, one pass covers many changes
 
@@ -73,13 +86,15 @@ async def _probe_forever(
     current: Callable[[], RegistrySnapshot],
     worker: Worker,
     scope: trio.CancelScope,
+    at_once: bool = False,
 ) -> None:
     health = worker.spec.health
     healthy = worker.is_healthy
     streak = 0  # consecutive results that disagree with ``healthy``
     with scope:
         while True:
-            await trio.sleep(health.check_interval_secs)
+            if not at_once:
+                await trio.sleep(health.check_interval_secs)
             latest = current().get(worker.id)
             if latest is None:
                 return
@@ -88,7 +103,10 @@ async def _probe_forever(
                 reason = await prober.check_health(latest.spec, latest.url)
             ok = reason is None
             streak = 0 if ok == healthy else streak + 1
-            if streak < (health.success_threshold if not healthy else health.failure_threshold):
+            needed = health.success_threshold if not healthy else health.failure_threshold
+            if at_once:  # the first probe after a restart decides alone
+                at_once, needed = False, 1
+            if streak < needed:
                 continue
             healthy, streak = ok, 0
             if ok:
@@ -97,5 +115,8 @@ async def _probe_forever(
                 log.warning("worker %s is unhealthy: %s", worker.id, reason)
             try:
                 await ask(registry, SetHealth(worker_id=worker.id, healthy=healthy))
+            except StoreUnavailable:
+                healthy = not healthy  # not recorded: count again from the next probe
+                log.warning("worker %s: its health could not be stored", worker.id)
             except (RegistryError, GatewayStopped):
                 return  # removed or no longer ready: the supervisor stops this task anyway

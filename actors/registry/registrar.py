@@ -5,13 +5,17 @@ registry gave it, so a DELETE (or a newer PUT) of a worker stops its detection a
 detects with retries and exponential backoff, bounded by the worker's
 ``max_connection_attempts`` and ``registration_timeout_secs``, then tells the registry the
 result. A failed registration is re-probed every ``recheck_interval_secs`` until it answers or is
-deleted. Every answer from the registry that says the job was superseded ends the job quietly.
+deleted. Every answer from the registry that says the job was superseded ends the job quietly;
+a result the registry could not store (``StoreUnavailable``) is sent again after a backoff.
+
+After a restart, the failed workers keep their recheck: ``rechecks`` (worker id, failed job id,
+interval) are scheduled as if their registration had just failed.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -21,7 +25,7 @@ from actors.core.errors import DetectionError, GatewayStopped, RegistryBusy, Reg
 from actors.core.model import Detection, JobType, WorkerId, WorkerSpec
 from actors.registry.detection import Probe
 from actors.registry.mailbox import Outbox, ask, tell
-from actors.registry.registry import Job, JobsReceive
+from actors.registry.registry import Job, JobsReceive, StoreUnavailable
 
 log = logging.getLogger("tmg.registrar")
 
@@ -33,6 +37,7 @@ async def run_registrar(
     *,
     config: GatewayConfig,
     record: Callable[[str], None] = lambda outcome: None,
+    rechecks: Sequence[tuple[WorkerId, int, float]] = (),
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``record(outcome)`` is told how each job ended: succeeded, failed or cancelled."""
@@ -41,6 +46,8 @@ async def run_registrar(
         async with jobs:
             for _ in range(config.registration_concurrency):
                 nursery.start_soon(registrar.take_jobs, jobs.clone())
+        for worker_id, job_id, interval in rechecks:
+            nursery.start_soon(registrar.recheck_later, worker_id, job_id, interval)
         task_status.started()
 
 
@@ -123,7 +130,7 @@ class _Registrar:
         log.warning("worker %s: registration failed: %s", start.worker_id, reason)
         interval = spec.recheck_interval_secs or 0.0
         if start.job_type is not JobType.REPLACE and interval > 0:
-            self._nursery.start_soon(self._recheck_later, start.worker_id, start.job_id, interval)
+            self._nursery.start_soon(self.recheck_later, start.worker_id, start.job_id, interval)
         return "failed"
 
     async def _probe(self, spec: WorkerSpec, seconds: float) -> Detection | DetectionError:
@@ -135,7 +142,7 @@ class _Registrar:
                 return error
         return DetectionError(f"{spec.url.text} did not answer detection within {seconds:g} s")
 
-    async def _recheck_later(self, worker_id: WorkerId, job_id: int, interval: float) -> None:
+    async def recheck_later(self, worker_id: WorkerId, job_id: int, interval: float) -> None:
         while True:
             await trio.sleep(interval)
             try:
@@ -148,4 +155,11 @@ class _Registrar:
 
     async def _ask(self, message: MarkReady | MarkFailed | RecheckWorker) -> None:
         # no timeout: the registry never blocks, and its inbox is bounded (backpressure)
-        await ask(self._registry, message)
+        refusals = 0
+        while True:
+            try:
+                await ask(self._registry, message)
+                return
+            except StoreUnavailable:  # not stored, so not made: send it again
+                refusals += 1
+                await trio.sleep(self._config.backoff(refusals))

@@ -2,13 +2,29 @@
 
 The handle is what the HTTP layer and an embedding trio application hold. Its writes are asks
 to the registry; its reads come from the latest published snapshot and never queue.
+
+Its public surface: the worker operations (``add_worker`` ... ``remove_worker``), the reads
+(``get_worker``, ``list_workers``, ``snapshot``), the waits (``wait_status``, ``wait_removed``,
+``wait_changed``), and for the HTTP layer ``config``, ``metrics`` (the Prometheus registry),
+``inflight`` (per-worker counts of proxied requests: read ``count``, ``counts``, wait with
+``wait_idle``; only the data plane acquires and releases) and ``forward`` (proxy one inference
+request). Everything else is internal, the constructor included: ``open_gateway()`` is the only
+way to build a Gateway, as its actors must run in a nursery that dies with it.
+
+**Start-up with a store** (``open_gateway``): the store is opened in its writer thread (a
+refused file raises ``StoreError`` before anything starts), loaded, and the table rebuilt from
+it (``codec.restore_workers``: same ids, specs, spec versions and labels; the id source
+continues past the stored high-water mark); what the recovery changed (restarted jobs, draining
+workers dropped, a new id prefix) is committed as the first batch; only then do the actors
+start. Ready workers are in the first published snapshot, so they serve at once, and each gets
+a health probe at once; failed workers get their recheck scheduled.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
@@ -16,6 +32,7 @@ from typing import Any, TypeVar
 import httpx
 import trio
 
+from actors.core.codec import restore_workers
 from actors.core.commands import (
     Ask,
     BeginDrain,
@@ -26,46 +43,54 @@ from actors.core.commands import (
     UpdateSpec,
 )
 from actors.core.config import GatewayConfig
-from actors.core.errors import RegistryError, RegistryTimeout, WorkerFailed, WorkerNotFound
+from actors.core.errors import RegistryTimeout, WorkerFailed, WorkerNotFound
+from actors.core.jobs import UuidSource
 from actors.core.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
 from actors.core.snapshot import RegistrySnapshot
-from actors.core.table import WorkerTable
 from actors.core.validation import require_instance, require_worker_id
 from actors.dataplane.breaker import BreakerConfig, CircuitBreakers
 from actors.dataplane.inflight import InFlight
 from actors.dataplane.metrics import GatewayMetrics
-from actors.dataplane.proxy import DataPlane
+from actors.dataplane.proxy import DataPlane, ProxyRequest, Refusal, Responder
 from actors.dataplane.routing import Router
 from actors.dataplane.upstream.pool import UpstreamLimits, UpstreamPool
 from actors.registry.detection import Detector, Probe
+from actors.registry.drain import Drainer
 from actors.registry.health import run_health_checker
 from actors.registry.mailbox import Envelope, Outbox, deliver, post
 from actors.registry.registrar import run_registrar
-from actors.registry.registry import Job, run_registry
+from actors.registry.registry import Job, Journal, StoreUnavailable, run_registry
+from actors.store import MemoryStore, Store, open_store
+from actors.store.writer import StoreWriter, open_store_writer
 
-log = logging.getLogger("tmg.gateway")
 T = TypeVar("T")
+StoreOption = Store | Callable[[], Store] | None
+log = logging.getLogger("tmg.gateway")
+Forward = Callable[[ProxyRequest, Responder], Awaitable[Refusal | None]]
 
 
 class Gateway:
-    """The gateway as a library. Create it with ``open_gateway()``."""
+    """The gateway as a library. Build it with ``open_gateway()`` (the constructor is internal).
+
+    ``config`` is what it runs with; ``metrics`` renders ``GET /metrics``; ``inflight`` holds the
+    per-worker counts of proxied requests (``count``, ``counts``, ``wait_idle``);
+    ``forward(request, responder)`` proxies one inference request to a worker and returns None
+    once an answer went out, else the ``Refusal`` to answer with (``actors/dataplane/proxy.py``).
+    """
 
     def __init__(
         self,
         config: GatewayConfig,
         registry: Outbox,
-        nursery: trio.Nursery,
         inflight: InFlight,
         pool: UpstreamPool,
     ) -> None:
         self.config = config
-        self.inflight = inflight
+        self._inflight = inflight
         self._registry = registry
-        self._nursery = nursery
         self._snapshot = RegistrySnapshot()
         self._changed: trio.Event | None = None  # created when someone waits
         self._watchers: dict[WorkerId, trio.Event] = {}  # per-worker waits (wait_status)
-        self._draining: set[WorkerId] = set()
         self.metrics = GatewayMetrics()
         breakers = CircuitBreakers(
             BreakerConfig(
@@ -73,7 +98,7 @@ class Gateway:
                 cooldown_secs=config.breaker_cooldown_secs,
             )
         )
-        self.dataplane = DataPlane(
+        self._dataplane = DataPlane(
             lambda: self._snapshot,
             inflight,
             pool,
@@ -88,10 +113,13 @@ class Gateway:
             breakers.states,
             lambda: int(registry.statistics().current_buffer_used),
         )
+        # the data plane's own method: no extra call on the hot path
+        self.forward: Forward = self._dataplane.forward
 
-    def _forget(self, worker_id: WorkerId) -> None:
-        """A worker left the registry: drop the data plane's state about it."""
-        self.dataplane.forget(worker_id)
+    @property
+    def inflight(self) -> InFlight:
+        """Per-worker counts of requests being proxied (``count``, ``counts``, ``wait_idle``)."""
+        return self._inflight
 
     # ---- reads (the latest snapshot; never wait for the registry) -------------------------
 
@@ -149,15 +177,11 @@ class Gateway:
         return await self._ask(RetryWorker(worker_id=worker_id))
 
     async def remove_worker(self, worker_id: WorkerId) -> Worker:
-        """DELETE: a pending or failed worker is gone when this returns; a ready one drains
-        (no new requests) and is removed once idle or after its drain timeout."""
+        """DELETE: a pending or failed worker is gone when this returns, and so is an idle
+        ready one; a busy ready one drains (no new requests) and is removed once idle or after
+        its drain timeout (``actors/registry/drain.py``)."""
         require_worker_id(worker_id)
-        worker = await self._ask(BeginDrain(worker_id=worker_id))
-        # an idle worker is gone already (the registry removed it in the same step)
-        if self._snapshot.get(worker_id) is not None and worker_id not in self._draining:
-            self._draining.add(worker_id)
-            self._nursery.start_soon(self._drain, worker)
-        return worker
+        return await self._ask(BeginDrain(worker_id=worker_id))
 
     # ---- waiting --------------------------------------------------------------------------
 
@@ -232,24 +256,6 @@ class Gateway:
                 raise RegistryTimeout(f"the registry inbox stayed full for {timeout:g} s")
         return await reply.wait()
 
-    async def _drain(self, worker: Worker) -> None:
-        spec = worker.spec
-        try:
-            with trio.move_on_after(spec.drain_timeout_secs or 0.0) as waited:
-                await self.inflight.wait_idle(worker.id)
-            if waited.cancelled_caught:
-                log.warning("worker %s: drain timed out with requests in flight", worker.id)
-            await trio.sleep(spec.health.drain_settle_secs)
-            await self._finish_drain(worker.id)
-        finally:
-            self._draining.discard(worker.id)
-
-    async def _finish_drain(self, worker_id: WorkerId) -> None:
-        try:
-            await self._ask(FinishDrain(worker_id=worker_id))
-        except RegistryError as error:  # already gone
-            log.debug("finish drain of %s: %s", worker_id, error)
-
 
 @asynccontextmanager
 async def open_gateway(
@@ -258,13 +264,72 @@ async def open_gateway(
     http_transport: httpx.AsyncBaseTransport | None = None,
     detector: Probe | None = None,
     clock: Callable[[], float] = time.time,
+    store: StoreOption = None,
 ) -> AsyncIterator[Gateway]:
     """Start the registry and the registration workflows; stop them all on exit.
 
     ``http_transport`` replaces the network for detection (tests use ``httpx.MockTransport``);
     ``detector`` replaces detection altogether (anything with ``async detect(spec)``).
+    ``store``: where the registry is kept, a ``Store`` (``actors.store``: ``SqliteStore(path)``,
+    or your own) or a function that opens one (called in the writer thread); the gateway closes
+    it on exit. Without it, ``config.state`` names it (``:memory:`` or a SQLite file's path).
+    A store that cannot be used raises ``actors.store.StoreError`` (``StoreInUse``: another
+    gateway holds the file) before anything starts.
     """
     config = config or GatewayConfig()
+    async with (
+        open_store_writer(_store_opener(config, store)) as writer,
+        _open_gateway(config, writer, http_transport, detector, clock) as gateway,
+    ):
+        yield gateway
+
+
+def _store_opener(config: GatewayConfig, store: StoreOption) -> Callable[[], Store]:
+    if store is None:
+        return partial(open_store, config.state)
+    if callable(getattr(store, "commit", None)):  # a Store itself
+        given: Store = store  # type: ignore[assignment]
+        return lambda: given
+    return store  # type: ignore[return-value]
+
+
+@asynccontextmanager
+async def _open_gateway(
+    config: GatewayConfig,
+    writer: StoreWriter,
+    http_transport: httpx.AsyncBaseTransport | None,
+    detector: Probe | None,
+    clock: Callable[[], float],
+) -> AsyncIterator[Gateway]:
+    if isinstance(writer.store, MemoryStore):
+        log.info("registry in memory only: workers are forgotten when the gateway stops")
+    stored = await writer.load()
+    ids = UuidSource(stored.id_prefix, stored.id_high_water)
+    table = restore_workers(
+        stored.workers.values(),
+        now=clock(),
+        new_id=ids,
+        queue_size=config.registration_queue_size,
+        first_job_id=stored.next_job_id,
+    )
+    journal = Journal(writer, table, ids, stored)
+    await journal.commit(table.take_changes())  # what the recovery changed, first
+    ready = [w.id for w in table.workers.values() if w.status is WorkerStatus.READY]
+    rechecks = [
+        (worker.id, worker.job.job_id, worker.spec.recheck_interval_secs)
+        for worker in table.workers.values()
+        if worker.status is WorkerStatus.FAILED
+        and worker.job is not None
+        and not worker.job.active
+        and worker.spec.recheck_interval_secs
+    ]
+    if stored.workers:
+        log.info(
+            "registry: %d workers recovered (%d ready), %d dropped while draining",
+            len(table),
+            len(ready),
+            len(stored.workers) - len(table),
+        )
     client = httpx.AsyncClient(
         transport=http_transport,
         trust_env=False,
@@ -278,8 +343,19 @@ async def open_gateway(
     async with client, UpstreamPool(limits) as pool, trio.open_nursery() as nursery:
         inbox_send, inbox_receive = trio.open_memory_channel[Envelope[Any]](config.inbox_size)
         jobs_send, jobs_receive = trio.open_memory_channel[Job](config.registration_queue_size)
-        gateway = Gateway(config, inbox_send, nursery, InFlight(), pool)
-        table = WorkerTable(queue_size=config.registration_queue_size)
+        inflight = InFlight()
+        gateway = Gateway(config, inbox_send, inflight, pool)
+
+        async def finish_drain(worker_id: WorkerId) -> Worker:
+            refusals = 0
+            while True:
+                try:
+                    return await gateway._ask(FinishDrain(worker_id=worker_id))
+                except StoreUnavailable:  # not stored, so not made: ask again
+                    refusals += 1
+                    await trio.sleep(config.backoff(refusals))
+
+        drainer = Drainer(nursery, inflight, finish_drain)
         await nursery.start(
             partial(
                 run_registry,
@@ -287,18 +363,34 @@ async def open_gateway(
                 jobs_send,
                 gateway._publish,
                 table=table,
-                is_idle=lambda worker_id: gateway.inflight.count(worker_id) == 0,
-                on_removed=gateway._forget,
+                drains=drainer,
+                journal=journal,
+                on_removed=gateway._dataplane.forget,
                 clock=clock,
             )
         )
         probe = detector or Detector(client, instance_id=config.instance_id)
         record = gateway.metrics.registration_jobs_outcome
         await nursery.start(
-            partial(run_registrar, jobs_receive, inbox_send, probe, config=config, record=record)
+            partial(
+                run_registrar,
+                jobs_receive,
+                inbox_send,
+                probe,
+                config=config,
+                record=record,
+                rechecks=rechecks,
+            )
         )
         await nursery.start(
-            run_health_checker, inbox_send, probe, lambda: gateway.snapshot, gateway.wait_changed
+            partial(
+                run_health_checker,
+                inbox_send,
+                probe,
+                lambda: gateway.snapshot,
+                gateway.wait_changed,
+                probe_now=ready,
+            )
         )
         try:
             yield gateway

@@ -271,9 +271,11 @@ class Connection:
         """Run the app on one request; True when the connection may serve another."""
         head = request.head
         framer = ResponseFramer(
-            method=head.method, version=head.version, keep_alive=head.keep_alive,
+            method=head.method,
+            version=head.version,
+            keep_alive=head.keep_alive,
             date=self._host.date,
-        )  # fmt: skip
+        )
         exchange = _Exchange(self, request.body, framer)
         scope: dict[str, Any] = {
             "type": "http",
@@ -320,8 +322,9 @@ class Connection:
             return True
         log.info(
             "connection from %s: the client read nothing for %s s; closing it",
-            self._client, self._limits.write_timeout,
-        )  # fmt: skip
+            self._client,
+            self._limits.write_timeout,
+        )
         self._went_away()
         return False
 

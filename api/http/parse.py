@@ -73,9 +73,16 @@ class _Callbacks:
     """What llhttp reports about one request."""
 
     __slots__ = (
-        "body", "body_limit", "body_size", "complete", "count", "headers", "in_trailers",
-        "limit", "url",
-    )  # fmt: skip
+        "body",
+        "body_limit",
+        "body_size",
+        "complete",
+        "count",
+        "headers",
+        "in_trailers",
+        "limit",
+        "url",
+    )
 
     def __init__(self, max_headers: int, max_body: int) -> None:
         self.url = b""

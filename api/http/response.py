@@ -65,9 +65,17 @@ class ResponseFramer:
     """One response: ``start`` then ``body`` per ASGI message; each returns the bytes to send."""
 
     __slots__ = (
-        "_bodiless", "_chunked", "_date", "_head", "_pending", "_remaining", "close",
-        "finished", "overflow", "started",
-    )  # fmt: skip
+        "_bodiless",
+        "_chunked",
+        "_date",
+        "_head",
+        "_pending",
+        "_remaining",
+        "close",
+        "finished",
+        "overflow",
+        "started",
+    )
 
     def __init__(self, *, method: str, version: str, keep_alive: bool, date: DateHeader) -> None:
         self._head = (method, version, keep_alive)

@@ -112,9 +112,15 @@ def serialize_request(
     if not target or _BAD_TARGET.search(target) is not None:
         raise ValueError(f"invalid request target {target!r}")
     parts = [
-        method, b" ", target, b" HTTP/1.1\r\nhost: ", host,
-        b"\r\ncontent-length: ", b"%d" % len(body), b"\r\n",
-    ]  # fmt: skip
+        method,
+        b" ",
+        target,
+        b" HTTP/1.1\r\nhost: ",
+        host,
+        b"\r\ncontent-length: ",
+        b"%d" % len(body),
+        b"\r\n",
+    ]
     keep_alive = True
     for name, value in headers:
         if not name or name.translate(None, _TOKEN_CHARS):

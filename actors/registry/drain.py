@@ -1,0 +1,82 @@
+"""Draining: what happens between a DELETE of a ready worker and its removal, in one place.
+
+The rules are the table's (pure, ``actors/core/table.py``): ``BeginDrain`` turns a ready worker
+``draining`` (no new request is routed to it from that snapshot on) and removes a pending or
+failed one at once; ``FinishDrain`` removes a worker that is still draining. The workflow in
+between is the Drainer's, and the registry actor hands every drain to it in the same step as the
+BeginDrain (so a drain is never lost, even if whoever sent the DELETE is gone before the reply):
+
+* **Idle: removed at once.** A worker with nothing in flight and no settle time is removed by
+  the registry in the same step as its BeginDrain (``removable_now``): no request can be routed
+  to it in between, and the DELETE's 202 already says ``removed``. The data plane picks a worker
+  and counts it in flight with no checkpoint in between, so "nothing in flight" is exact.
+* **Busy: one task per draining worker** (``start``), in the gateway's nursery: it waits until
+  the worker's in-flight count reaches 0, or for the worker's ``drain_timeout_secs`` (a warning
+  is logged), then for ``health.drain_settle_secs``, then asks the registry for ``FinishDrain``.
+  A second DELETE of a draining worker starts no second task. A FinishDrain that the registry
+  refuses (the worker is gone already) is not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from actors.core.errors import RegistryError
+from actors.core.model import Worker, WorkerId, WorkerStatus
+from actors.dataplane.inflight import InFlight
+
+log = logging.getLogger("tmg.drain")
+
+
+class Drainer:
+    """Runs the drains of one gateway. ``finish`` asks the registry for FinishDrain."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        inflight: InFlight,
+        finish: Callable[[WorkerId], Awaitable[object]],
+    ) -> None:
+        self._nursery = nursery
+        self._inflight = inflight
+        self._finish = finish
+        self._draining: set[WorkerId] = set()  # workers with a drain task running
+
+    @property
+    def draining(self) -> frozenset[WorkerId]:
+        """The workers whose drain task is running."""
+        return frozenset(self._draining)
+
+    def removable_now(self, worker: Worker) -> bool:
+        """True when a worker that just began draining can be removed in the same step: nothing
+        in flight and no settle time to wait."""
+        return (
+            worker.status is WorkerStatus.DRAINING
+            and not worker.spec.health.drain_settle_secs
+            and self._inflight.count(worker.id) == 0
+        )
+
+    def start(self, worker: Worker) -> None:
+        """Drain ``worker`` in the background, unless it is draining already (sync: the
+        registry calls it in the step that applied the BeginDrain)."""
+        if worker.status is WorkerStatus.DRAINING and worker.id not in self._draining:
+            self._draining.add(worker.id)
+            self._nursery.start_soon(self._drain, worker)
+
+    async def _drain(self, worker: Worker) -> None:
+        spec = worker.spec
+        try:
+            with trio.move_on_after(spec.drain_timeout_secs or 0.0) as waited:
+                await self._inflight.wait_idle(worker.id)
+            if waited.cancelled_caught:
+                log.warning("worker %s: drain timed out with requests in flight", worker.id)
+            await trio.sleep(spec.health.drain_settle_secs)
+            try:
+                await self._finish(worker.id)
+            except RegistryError as error:  # gone already
+                log.debug("finish drain of %s: %s", worker.id, error)
+        finally:
+            self._draining.discard(worker.id)
