@@ -48,7 +48,7 @@ import trio
 
 from actors.core.errors import InvalidInput
 from actors.core.events import EventKind
-from actors.registry.feed import Watch, WatchEvent, WatchOverflow, check_filters, feed_of
+from actors.registry.feed import Watch, WatchEvent, WatchOverflow, check_filters
 from actors.registry.service import Gateway
 from api.inference import CANCEL_ON_DISCONNECT
 from api.render import error_body, render_error, render_worker
@@ -75,7 +75,7 @@ class _EventsApp:
     def __init__(self, gateway: Gateway, fallback: ASGIApp) -> None:
         self._gateway = gateway
         self._fallback = fallback
-        self._feed = feed_of(gateway)  # from now on: resumes reach back to here
+        self._feed = gateway.feed  # from now on: resumes reach back to here
         self._common = [
             (b"x-tmg-gateway", gateway.config.instance_id.encode("ascii")),
             (b"cache-control", b"no-cache"),

@@ -15,6 +15,7 @@ from hypercorn.trio import serve
 
 from actors.registry.service import Gateway
 from api.app import create_app
+from api.events import events_app
 from api.http.server import ServerLimits, serve_http1
 from api.inference import inference_app
 
@@ -43,7 +44,7 @@ async def serve_api(
     if write_timeout is not None:
         limits = replace(limits, write_timeout=write_timeout)
     quart = create_app(gateway, admin_api_key=admin_api_key)
-    app = inference_app(gateway, quart)  # type: ignore[arg-type]
+    app = inference_app(gateway, events_app(gateway, quart))  # type: ignore[arg-type]
     if server == "http1":
         host, _, port = bind.rpartition(":")
         await serve_http1(

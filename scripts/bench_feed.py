@@ -37,7 +37,6 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 from actors import GatewayConfig, open_gateway, worker_spec
 from actors.core.model import Runtime
 from actors.dataplane.client import request
-from actors.registry.feed import feed_of
 from actors.registry.service import Gateway
 from api.serve import serve_api
 from scripts.fake_detector import InstantDetector
@@ -50,7 +49,7 @@ async def churn_run(duration: float, clients: int, watchers: int) -> dict[str, A
     cycles = 0
     received = [0] * watchers
     async with open_gateway(config, detector=InstantDetector(runtime=Runtime.VLLM)) as gateway:
-        feed = feed_of(gateway)
+        feed = gateway.feed
 
         async def watcher(index: int, *, task_status: trio.TaskStatus[None]) -> None:
             async with feed.watch() as events:

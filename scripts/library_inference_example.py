@@ -4,8 +4,7 @@ Run: .venv/bin/python scripts/library_inference_example.py
 It starts a fake worker process (scripts/fake_worker.py on an OS-chosen port), opens a gateway
 in this process, follows the registry's events while it registers the worker, then sends one
 chat completion, reads one stream to the end, leaves another half-way, and shows the typed
-errors. Once service.py carries the hooks, ``request(gateway, ...)`` is ``gateway.request(...)``
-(likewise ``stream`` and ``watch``).
+errors.
 """
 
 from __future__ import annotations
@@ -23,15 +22,14 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import open_gateway, worker_spec
-from actors.dataplane.client import ModelNotFound, request, stream
-from actors.registry.feed import watch
+from actors.dataplane.client import ModelNotFound
 from actors.registry.service import Gateway
 
 CHAT = {"model": "my-model", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
 
 
 async def follow(gateway: Gateway, *, task_status: trio.TaskStatus[None]) -> None:
-    async with watch(gateway) as events:
+    async with gateway.watch() as events:
         task_status.started()
         async for event in events:
             worker = event.worker
@@ -55,22 +53,22 @@ async def main() -> None:
                 worker = await gateway.add_worker(worker_spec(f"127.0.0.1:{port}"))
                 await gateway.wait_status(worker.id, "ready", timeout=10)
 
-                answer = await request(gateway, "/v1/chat/completions", CHAT)
+                answer = await gateway.request("/v1/chat/completions", CHAT)
                 print("request:", answer.status, answer.worker_id)
                 print("  says:", answer.json()["choices"][0]["message"]["content"])
 
-                async with stream(gateway, "/v1/chat/completions", {**CHAT, "stream": True}) as s:
+                async with gateway.stream("/v1/chat/completions", {**CHAT, "stream": True}) as s:
                     words = [c["choices"][0]["delta"].get("content", "") async for c in s]
                 print("stream read to the end:", "".join(words))
 
                 long = {**CHAT, "stream": True, "max_tokens": 10_000}
-                async with stream(gateway, "/v1/chat/completions", long) as s:
+                async with gateway.stream("/v1/chat/completions", long) as s:
                     async for _ in s:
                         break  # leaving the block cancels the upstream request
                 print("stream left early; in flight now:", gateway.inflight.count(worker.id))
 
                 try:
-                    await request(gateway, "/v1/chat/completions", {**CHAT, "model": "other"})
+                    await gateway.request("/v1/chat/completions", {**CHAT, "model": "other"})
                 except ModelNotFound as error:
                     print("unknown model:", error.status, error.message)
                 await gateway.remove_worker(worker.id)

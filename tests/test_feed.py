@@ -12,7 +12,7 @@ import trio.testing
 from actors import worker_spec
 from actors.core.errors import InvalidInput
 from actors.core.events import EventKind
-from actors.registry.feed import Feed, Watch, WatchEvent, WatchOverflow, attach_feed, feed_of
+from actors.registry.feed import Feed, Watch, WatchEvent, WatchOverflow
 from actors.registry.service import Gateway
 from tests.test_events import ready, snap, worker
 
@@ -154,9 +154,8 @@ async def test_close_ends_every_watch() -> None:
         assert [e async for e in events] == []
 
 
-async def test_an_attached_feed_has_each_change_before_the_ask_returns(gateway: Gateway) -> None:
-    feed = attach_feed(gateway)
-    assert feed_of(gateway) is feed
+async def test_the_gateways_feed_has_each_change_before_the_ask_returns(gateway: Gateway) -> None:
+    feed = gateway.feed
     async with feed.watch() as events:
         assert drain(events) == [("synced", feed.seq, None)]
         added = await gateway.add_worker(worker_spec("127.0.0.1:1", model_id="m"))

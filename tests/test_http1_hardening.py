@@ -294,6 +294,53 @@ async def test_a_full_server_with_no_idle_connection_lets_new_clients_wait_for_a
         await waiting.stream.aclose()
 
 
+async def test_a_client_waiting_in_the_backlog_at_shutdown_is_answered_not_reset(
+    app: App, nursery: trio.Nursery
+) -> None:
+    stop = trio.Event()
+    url = await serve(
+        nursery, app, limits=ServerLimits(max_connections=1), shutdown_trigger=stop.wait
+    )
+    with trio.fail_after(5):
+        busy = await connect(url)
+        await busy.send(get("/slow"))
+        await app.entered.wait()
+        waiting = await connect(url)  # in the kernel's backlog: the server is full
+        await waiting.send(get("/later"))
+        await trio.testing.wait_all_tasks_blocked()
+        stop.set()  # the server stops while the client waits in its backlog
+        await trio.testing.wait_all_tasks_blocked()
+        app.gate.set()
+        assert (await busy.answer()).status == 200
+        answer = await waiting.answer()
+        assert answer.json()["path"] == "/later"
+        assert answer.headers[b"connection"] == b"close"  # served once, then closed
+        await busy.stream.aclose()
+        await waiting.stream.aclose()
+
+
+async def test_a_connection_whose_first_request_is_on_its_way_at_shutdown_is_answered(
+    app: App, nursery: trio.Nursery
+) -> None:
+    stop = trio.Event()
+    url = await serve(nursery, app, shutdown_trigger=stop.wait)
+    with trio.fail_after(5):
+        used = await connect(url)
+        await used.send(get("/first"))
+        assert (await used.answer()).status == 200  # now idle between requests
+        fresh = await connect(url)  # accepted; its request is still on its way
+        await trio.testing.wait_all_tasks_blocked()
+        stop.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await used.stream.receive_some() == b""  # idle between requests: closed
+        await fresh.send(get("/second"))
+        answer = await fresh.answer()
+        assert answer.json()["path"] == "/second"
+        assert answer.headers[b"connection"] == b"close"
+        await used.stream.aclose()
+        await fresh.stream.aclose()
+
+
 def test_the_open_file_limit_is_raised_to_the_hard_limit_and_the_cap_leaves_room() -> None:
     soft = raise_open_file_limit()
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == soft

@@ -6,7 +6,6 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import httpx
@@ -15,23 +14,13 @@ import pytest
 import trio
 import trio.testing
 
-from actors.registry.feed import feed_of
 from actors.registry.service import Gateway
 from api.app import create_app
 from api.events import HEARTBEAT, events_app
-from api.http.server import serve_http1
-from api.inference import CANCEL_ON_DISCONNECT, inference_app
+from api.inference import CANCEL_ON_DISCONNECT
 from tests.conftest import StartWorkers
 
 Event = dict[str, Any]
-
-
-async def serve_with_events(gateway: Gateway, nursery: trio.Nursery) -> str:
-    """The API as serve_api composes it once events_app is wired in (api/serve.py)."""
-    app = inference_app(gateway, events_app(gateway, create_app(gateway)))  # type: ignore[arg-type]
-    [url] = await nursery.start(partial(serve_http1, app, host="127.0.0.1", port=0))  # type: ignore[arg-type]
-    assert isinstance(url, str)
-    return url
 
 
 class Subscriber:
@@ -88,9 +77,8 @@ def seen(kind: str, worker_id: str | None = None) -> Callable[[list[Event]], boo
 
 
 @pytest.fixture
-async def api(gateway: Gateway, nursery: trio.Nursery) -> httpx.AsyncClient:
-    url = await serve_with_events(gateway, nursery)
-    client = httpx.AsyncClient(base_url=url, trust_env=False, timeout=30)
+async def api(base_url: str, nursery: trio.Nursery) -> httpx.AsyncClient:
+    client = httpx.AsyncClient(base_url=base_url, trust_env=False, timeout=30)
     nursery.start_soon(_close_later, client)
     return client
 
@@ -209,7 +197,7 @@ async def test_filters_select_workers_and_bad_ones_are_a_400(
 async def test_a_subscriber_that_stops_reading_is_dropped_while_writes_keep_going(
     api: httpx.AsyncClient, gateway: Gateway, start_workers: StartWorkers, nursery: trio.Nursery
 ) -> None:
-    feed = feed_of(gateway)
+    feed = gateway.feed
     feed.subscriber_buffer = 8
     [worker] = await start_workers(1, model="m")
     reader = Subscriber(api)

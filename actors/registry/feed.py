@@ -34,7 +34,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -44,7 +44,7 @@ from actors.core.model import Worker, WorkerType
 from actors.core.snapshot import RegistrySnapshot
 
 if TYPE_CHECKING:
-    from actors.registry.service import Gateway
+    pass
 
 HISTORY = 8192  # events kept for resumes (Last-Event-ID / since=)
 SUBSCRIBER_BUFFER = 1024  # events a watcher may lag behind before it is dropped
@@ -299,51 +299,3 @@ def check_filters(
         allowed = ", ".join(member.value for member in WorkerType)
         message = f"must be one of {allowed}, not {str(worker_type)[:80]!r}"
         raise InvalidInput("worker_type", message) from None
-
-
-# ---- wiring to a Gateway ----------------------------------------------------------------------
-
-
-def feed_of(gateway: Gateway) -> Feed:
-    """The gateway's feed: ``gateway.feed`` once service.py creates it, else attached now."""
-    feed = getattr(gateway, "feed", None)
-    if isinstance(feed, Feed):
-        return feed
-    return attach_feed(gateway)
-
-
-def watch(
-    gateway: Gateway,
-    *,
-    model: str | None = None,
-    worker_type: WorkerType | str | None = None,
-    since: int | None = None,
-) -> Any:
-    """``async with watch(gateway) as events``: ``Gateway.watch`` until service.py has it."""
-    return feed_of(gateway).watch(model=model, worker_type=worker_type, since=since)
-
-
-def attach_feed(gateway: Gateway) -> Feed:
-    """TEMPORARY wiring, until ``Gateway._publish`` calls ``self.feed.publish(previous,
-    snapshot)`` itself: give ``gateway`` a feed fed from every snapshot it publishes.
-
-    The registry task holds the bound ``_publish`` method, so that method cannot be wrapped;
-    but ``_publish`` assigns ``self._snapshot`` first thing, synchronously. The gateway's class
-    is swapped for a subclass where ``_snapshot`` is a property whose setter also publishes to
-    the feed: same place in the batch (after the store, before the replies), same order."""
-    current = gateway.__dict__["_snapshot"]
-    feed = Feed(current)
-
-    def get(self: Gateway) -> RegistrySnapshot:
-        snapshot: RegistrySnapshot = self.__dict__["_snapshot"]
-        return snapshot
-
-    def set_(self: Gateway, snapshot: RegistrySnapshot) -> None:
-        previous = self.__dict__["_snapshot"]
-        self.__dict__["_snapshot"] = snapshot
-        feed.publish(previous, snapshot)
-
-    fed = type("FedGateway", (type(gateway),), {"_snapshot": property(get, set_)})
-    object.__setattr__(gateway, "__class__", fed)
-    gateway.feed = feed  # type: ignore[attr-defined]
-    return feed

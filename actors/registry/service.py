@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -48,6 +48,7 @@ from actors.core.jobs import UuidSource
 from actors.core.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
 from actors.core.snapshot import RegistrySnapshot
 from actors.core.validation import require_instance, require_worker_id
+from actors.dataplane import client
 from actors.dataplane.breaker import BreakerConfig, CircuitBreakers
 from actors.dataplane.inflight import InFlight
 from actors.dataplane.metrics import GatewayMetrics
@@ -56,6 +57,7 @@ from actors.dataplane.routing import Router
 from actors.dataplane.upstream.pool import UpstreamLimits, UpstreamPool
 from actors.registry.detection import Detector, Probe
 from actors.registry.drain import Drainer
+from actors.registry.feed import Feed, Watch
 from actors.registry.health import run_health_checker
 from actors.registry.mailbox import Envelope, Outbox, deliver, post
 from actors.registry.registrar import run_registrar
@@ -89,6 +91,7 @@ class Gateway:
         self._inflight = inflight
         self._registry = registry
         self._snapshot = RegistrySnapshot()
+        self.feed = Feed(self._snapshot)  # change events, fed by _publish
         self._changed: trio.Event | None = None  # created when someone waits
         self._watchers: dict[WorkerId, trio.Event] = {}  # per-worker waits (wait_status)
         self.metrics = GatewayMetrics()
@@ -232,10 +235,36 @@ class Gateway:
             event = self._watchers[worker_id] = trio.Event()
         await event.wait()
 
+    # ---- following the registry, and inference as a call ---------------------------------
+
+    def watch(
+        self,
+        *,
+        model: str | None = None,
+        worker_type: WorkerType | str | None = None,
+        since: int | None = None,
+    ) -> AbstractAsyncContextManager[Watch]:
+        """``async with gateway.watch() as events: async for event in events``: the current
+        state, then ``synced``, then every change in order (``actors/registry/feed.py``)."""
+        return self.feed.watch(model=model, worker_type=worker_type, since=since)
+
+    async def request(
+        self, path: str, body: Mapping[str, Any] | bytes, *, session_key: str | None = None
+    ) -> client.Answer:
+        """One inference request through the gateway's routing; the whole answer."""
+        return await client.request(self, path, body, session_key=session_key)
+
+    def stream(
+        self, path: str, body: Mapping[str, Any] | bytes, *, session_key: str | None = None
+    ) -> AbstractAsyncContextManager[client.EventStream]:
+        """A streaming inference request: ``async with gateway.stream(...) as events``."""
+        return client.stream(self, path, body, session_key=session_key)
+
     # ---- internals ------------------------------------------------------------------------
 
     def _publish(self, snapshot: RegistrySnapshot) -> None:
         previous, self._snapshot = self._snapshot, snapshot
+        self.feed.publish(previous, snapshot)
         if self._changed is not None:
             self._changed.set()
             self._changed = None
@@ -395,4 +424,5 @@ async def _open_gateway(
         try:
             yield gateway
         finally:
+            gateway.feed.close()  # every watch and SSE stream ends cleanly
             nursery.cancel_scope.cancel()

@@ -75,7 +75,10 @@ _Item = _Request | BadRequest | None
 
 
 class Connection:
-    def __init__(self, host: Host, stream: trio.SocketStream) -> None:
+    def __init__(self, host: Host, stream: trio.SocketStream, *, last_call: bool = False) -> None:
+        # accepted while the server stops: serve the request on its way, then close
+        self._last_call = last_call
+        self._served = False  # a request was taken off the queue
         self._host = host
         self._stream = stream
         self._limits = limits = host.limits
@@ -100,6 +103,15 @@ class Connection:
         """Close this connection if it is idle (the server is full, or shutting down)."""
         if self._idle_scope is not None:
             self._idle_scope.cancel()
+
+    def stop(self) -> None:
+        """The server stops. A connection between requests is closed; one whose first request
+        has not arrived yet (its client connected and is sending) serves that request first:
+        closing it would drop a request the client has every right to expect an answer to."""
+        if self._served:
+            self.shed()
+        else:
+            self._last_call = True
 
     async def run(self) -> None:
         sock = self._stream.socket
@@ -246,7 +258,7 @@ class Connection:
                 return
 
     async def _next_item(self) -> _Item:
-        if self._host.stopping:
+        if self._host.stopping and not (self._last_call and not self._served):
             return _END
         if not self._queue:
             self._busy = False
@@ -258,6 +270,7 @@ class Connection:
                 self._queued = queued = trio.Event()
                 await queued.wait()
         item = self._queue.popleft()
+        self._served = True
         self._busy = True
         if self._idle_scope is not None:
             self._idle_scope.deadline = math.inf
@@ -273,7 +286,7 @@ class Connection:
         framer = ResponseFramer(
             method=head.method,
             version=head.version,
-            keep_alive=head.keep_alive,
+            keep_alive=head.keep_alive and not self._last_call,
             date=self._host.date,
         )
         exchange = _Exchange(self, request.body, framer)
@@ -306,7 +319,7 @@ class Connection:
         if not framer.started:
             await self._refuse(500, "internal error")
             return False
-        return framer.finished and head.keep_alive and not framer.close
+        return framer.finished and head.keep_alive and not framer.close and not self._last_call
 
     async def _send(self, data: bytes) -> bool:
         """Write within the write timeout; False (and the client counted gone) if that failed."""

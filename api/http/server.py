@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -88,6 +90,11 @@ async def _serve(
             await shutdown_trigger()
             accepting.cancel_scope.cancel()
         for listener in listeners:
+            # the kernel completed these handshakes already: closing the listener would reset
+            # them unanswered, so each gets its first request served (then a close)
+            for stream in _accept_queued(listener):
+                server.open += 1
+                connections.start_soon(server.run, stream, True)
             listener.socket.close()  # no new connections
         server.stop()
         connections.cancel_scope.deadline = trio.current_time() + server.limits.graceful_timeout
@@ -119,7 +126,7 @@ class _Server:
     def stop(self) -> None:
         self.stopping = True
         for connection in list(self._idle):
-            connection.shed()
+            connection.stop()
 
     async def admit(self, listener: trio.SocketListener) -> None:
         """Return when one more connection may be accepted. When full and a client is knocking,
@@ -137,8 +144,8 @@ class _Server:
             self._room = room = self._room or trio.Event()
             await room.wait()
 
-    async def run(self, stream: trio.SocketStream) -> None:
-        connection = Connection(self, stream)
+    async def run(self, stream: trio.SocketStream, last_call: bool = False) -> None:
+        connection = Connection(self, stream, last_call=last_call)
         try:
             await connection.run()
         finally:
@@ -152,6 +159,24 @@ class _Server:
         if self._room is not None:
             self._room.set()
             self._room = None
+
+
+def _accept_queued(listener: trio.SocketListener) -> list[trio.SocketStream]:
+    """The connections waiting in the listen backlog, taken without waiting (a duplicate of the
+    listening socket in non-blocking mode, so trio's own socket is left as it is)."""
+    taken: list[trio.SocketStream] = []
+    with socket.socket(fileno=os.dup(listener.socket.fileno())) as sock:
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return taken
+            except OSError as error:
+                log.debug("draining the backlog at shutdown: %s", error)
+                return taken
+            conn.setblocking(False)
+            taken.append(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
 
 
 async def _accept(listener: trio.SocketListener, nursery: trio.Nursery, server: _Server) -> None:
