@@ -395,7 +395,7 @@ async def _open_gateway(
                 drains=drainer,
                 # a memory store keeps nothing: no rows to build for it (they cost a fifth of
                 # the registry's time in bench_registry)
-                journal=None if isinstance(writer.store, MemoryStore) else journal,
+                journal=None if type(writer.store) is MemoryStore else journal,
                 on_removed=gateway._dataplane.forget,
                 clock=clock,
             )
