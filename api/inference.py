@@ -34,6 +34,7 @@ import trio
 
 from actors.dataplane.proxy import LOOP_DETECTED, Headers, ProxyRequest, Refusal
 from actors.dataplane.requests import ROUTES, BadInferenceRequest, parse_body, route_for
+from actors.dataplane.routing import PROMPT_POLICIES
 from actors.dataplane.upstream.pool import UpstreamError
 from actors.registry.service import Gateway
 
@@ -62,7 +63,7 @@ class _InferenceApp:
         self._gateway = gateway
         self._fallback = fallback
         self._forward_request = gateway.forward
-        self._wants_prompt = gateway.config.policy == "cache_aware"
+        self._wants_prompt = gateway.config.policy in PROMPT_POLICIES
         self._id = gateway.config.instance_id.encode("ascii")
         self._json: Headers = [(b"content-type", b"application/json"), (b"x-tmg-gateway", self._id)]
 
@@ -125,7 +126,7 @@ class _InferenceApp:
                 nursery.cancel_scope.cancel()
         if refusal is not None:
             headers = None
-            if refusal.retry_after:
+            if refusal.retry_after is not None:
                 headers = [(b"retry-after", str(refusal.retry_after).encode())]
             await self._error(send, refusal.status, refusal.code, refusal.message, extra=headers)
 
@@ -146,7 +147,8 @@ class _InferenceApp:
         param: str | None = None,
         extra: Headers | None = None,
     ) -> None:
-        kind = "invalid_request_error" if status < 500 else "server_error"
+        # 429 (every worker tried was busy) is the servers' state, not the request's fault
+        kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
         body = {"error": {"type": kind, "code": code, "message": message, "param": param}}
         await self._send_json(send, status, body, extra)
 

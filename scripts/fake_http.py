@@ -47,7 +47,7 @@ async def send_reply(
     close: bool,
 ) -> None:
     """Send ``reply``; ``token_delay()`` (seconds between SSE chunks) is read before each chunk."""
-    headers = [(b"x-fake-worker-port", port_header)]
+    headers = [(b"x-fake-worker-port", port_header), *reply.headers]
     if close:
         headers.append((b"connection", b"close"))
     if reply.sse is None:

@@ -17,6 +17,7 @@ class Reply(NamedTuple):
     status: int
     body: bytes = b""
     sse: list[bytes] | None = None  # when set: a text/event-stream of these chunks, then [DONE]
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra response headers
 
 
 def json_reply(status: int, obj: object) -> Reply:

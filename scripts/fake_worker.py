@@ -3,6 +3,22 @@
 
 One trio process serves many ports, each an independent FakeWorker with its own config copy and
 counters; HTTP/1.1 is spoken with h11 directly (keep-alive, chunked SSE). CLI: see ``--help``.
+
+**Cache model** (``--cache-blocks N``, off by default): each port then keeps a prefix cache of
+token blocks (``scripts/fake_cache.py``: words are tokens, ``--block-tokens`` per block, LRU at
+N blocks) and serves chat and text completions like an inference engine, on trio's clock:
+
+* at most ``--slots`` requests in service; later ones wait in FIFO order;
+* a request in service waits for one of ``--prefill-slots`` prefill units (FIFO), then looks its
+  prompt up (chat: the messages' contents joined by spaces; else ``prompt``) and prefills the
+  uncached tokens at ``--prefill-ms-per-token`` each; its whole blocks are then inserted;
+* then it decodes ``max_tokens`` tokens at ``--decode-ms-per-token`` each: a stream sends its
+  first chunk right after the prefill (time to first token = queue + prefill) and one chunk per
+  decode step; a plain answer comes after the last step. It keeps its slot until it is sent.
+
+Answers then carry ``x-prompt-tokens``, ``x-cached-tokens``, ``x-queue-ms`` (waiting for a slot
+and a prefill unit) and ``x-prefill-ms``; every answer carries ``x-fake-worker-port``. Errors (a
+bad body, an unknown model) are answered at once, outside the model.
 """
 
 from __future__ import annotations
@@ -14,7 +30,8 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
 from functools import partial
 
@@ -27,6 +44,7 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from scripts import fake_payloads as payloads
+from scripts.fake_cache import PrefixCache, ServiceTimes, look_up, prompt_text
 from scripts.fake_http import RECV_SIZE, linger, next_event, send_events, send_reply
 from scripts.fake_payloads import Refused, Reply, error_reply, json_reply
 
@@ -38,6 +56,7 @@ H2_GOAWAY = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + b"\x00\x00\x00\x00" + b"\x
 INFERENCE = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/generate"})
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+MODELLED = frozenset({"/v1/chat/completions", "/v1/completions"})  # routes the cache model serves
 
 
 @dataclass(kw_only=True)
@@ -51,6 +70,117 @@ class FakeWorkerConfig:
     die_after: int | None = None  # after this many requests the port stops serving
     big_answer_bytes: int | None = None  # plain chat completions padded to this many bytes
     host: str = "127.0.0.1"
+    # the cache model (module docstring): on when cache_blocks is set (0: it caches nothing)
+    cache_blocks: int | None = None
+    block_tokens: int = 16
+    prefill_ms_per_token: float = 1.0
+    decode_ms_per_token: float = 20.0
+    prefill_slots: int = 1
+    slots: int = 4
+
+    def __post_init__(self) -> None:
+        if self.cache_blocks is not None and not (
+            self.cache_blocks >= 0
+            and self.block_tokens >= 1
+            and self.prefill_ms_per_token >= 0
+            and self.decode_ms_per_token >= 0
+            and self.prefill_slots >= 1
+            and self.slots >= 1
+        ):
+            raise ValueError(
+                "cache model: cache_blocks >= 0, block_tokens >= 1, per-token times >= 0, "
+                "prefill_slots >= 1 and slots >= 1"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """A request in service: its prompt's token counts and how long it waited and prefilled."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    queue_secs: float
+    prefill_secs: float
+
+    def headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        return (
+            (b"x-prompt-tokens", str(self.prompt_tokens).encode()),
+            (b"x-cached-tokens", str(self.cached_tokens).encode()),
+            (b"x-queue-ms", f"{self.queue_secs * 1000:.1f}".encode()),
+            (b"x-prefill-ms", f"{self.prefill_secs * 1000:.1f}".encode()),
+        )
+
+
+class CacheSimulator:
+    """One port's engine model on trio's clock: slots, prefill units and the prefix cache.
+
+    trio's semaphores hand a released unit to the longest waiter, so both queues are FIFO."""
+
+    def __init__(self, config: FakeWorkerConfig) -> None:
+        self.cache = PrefixCache(config.cache_blocks or 0)
+        self.block_tokens = config.block_tokens
+        self.times = ServiceTimes(
+            prefill_ms_per_token=config.prefill_ms_per_token,
+            decode_ms_per_token=config.decode_ms_per_token,
+        )
+        self._slots = trio.Semaphore(config.slots)
+        self._prefill = trio.Semaphore(config.prefill_slots)
+        self.waiting = 0  # for a slot or a prefill unit
+        self.running = 0  # holding a slot
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    @asynccontextmanager
+    async def admit(self, text: str) -> AsyncIterator[Admission]:
+        """Wait for a slot and a prefill unit, prefill, insert the prompt's blocks; the slot is
+        held until the block exits."""
+        arrived = trio.current_time()
+        waiting = True
+        self.waiting += 1
+        try:
+            async with self._slots:
+                self.running += 1
+                try:
+                    async with self._prefill:
+                        self.waiting -= 1
+                        waiting = False
+                        queued = trio.current_time() - arrived
+                        lookup = look_up(self.cache, text, self.block_tokens)
+                        prefill = self.times.prefill_secs(lookup.uncached_tokens)
+                        await trio.sleep(prefill)
+                        self.cache.insert(lookup.hashes)
+                    self.prompt_tokens += lookup.prompt_tokens
+                    self.cached_tokens += lookup.cached_tokens
+                    yield Admission(lookup.prompt_tokens, lookup.cached_tokens, queued, prefill)
+                finally:
+                    self.running -= 1
+        finally:
+            if waiting:  # cancelled (the client left) before its prefill began
+                self.waiting -= 1
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "blocks": len(self.cache),
+            "evictions": self.cache.evictions,
+            "waiting": self.waiting,
+            "running": self.running,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+        }
+
+
+def modelled_request(body: bytes) -> tuple[str, int] | None:
+    """The prompt text and max_tokens (default 8) of a completion body; None if it has none."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    text = prompt_text(request)
+    if text is None or not isinstance(request, dict):
+        return None
+    n = request.get("max_tokens", request.get("max_completion_tokens"))
+    n = 8 if n is None else n
+    return (text, n) if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 class FakeWorker:
@@ -68,6 +198,7 @@ class FakeWorker:
         self.created = int(time.time())
         self._listeners = listeners
         self._scope = trio.CancelScope()
+        self.simulator = CacheSimulator(config) if config.cache_blocks is not None else None
         self._send_reply = partial(  # token_delay is read per SSE chunk: tests may change it
             send_reply,
             port_header=str(self.port).encode(),
@@ -164,10 +295,7 @@ class FakeWorker:
                 method = request.method.decode("ascii")
                 path = request.target.partition(b"?")[0].decode("latin-1")
                 dying = self._count(f"{method} {path}")
-                reply = await self._reply("GET" if method == "HEAD" else method, path, body)
-                reply = Reply(reply.status) if method == "HEAD" else reply  # h11: no body
-                self._log(f"{method} {path}", reply.status)
-                await self._send_reply(conn, stream, reply, close=dying or body is None)
+                await self._answer(conn, stream, method, path, body, close=dying or body is None)
                 if dying:
                     self._scope.cancel()  # closes every connection of this port
                     return
@@ -180,6 +308,34 @@ class FakeWorker:
                 reply = error_reply(exc.error_status_hint, f"bad request: {exc}")
                 await self._send_reply(conn, stream, reply, close=True)
                 await linger(stream)
+
+    async def _answer(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        method: str,
+        path: str,
+        body: bytearray | None,
+        *,
+        close: bool,
+    ) -> None:
+        reply = await self._reply("GET" if method == "HEAD" else method, path, body)
+        reply = Reply(reply.status) if method == "HEAD" else reply  # h11: no body
+        self._log(f"{method} {path}", reply.status)
+        sim = self.simulator
+        modelled = None
+        if sim is not None and reply.status == 200 and method == "POST" and path in MODELLED:
+            modelled = modelled_request(bytes(body or b""))
+        if sim is None or modelled is None:
+            await self._send_reply(conn, stream, reply, close=close)
+            return
+        text, max_tokens = modelled
+        decode = sim.times.decode_ms_per_token / 1000
+        async with sim.admit(text) as admission:
+            reply = reply._replace(headers=reply.headers + admission.headers())
+            if reply.sse is None:
+                await trio.sleep(sim.times.decode_secs(max_tokens))
+            await self._send_reply(conn, stream, reply, close=close, token_delay=lambda: decode)
 
     # ---- routes ----
 
@@ -194,7 +350,10 @@ class FakeWorker:
         if method == "GET" and path == "/v1/models":
             return payloads.models(m, cfg.flavor, self.created)
         if method == "GET" and path == "/_stats":
-            return json_reply(200, {"port": self.port, "counts": dict(self.counts)})
+            stats: dict[str, object] = {"port": self.port, "counts": dict(self.counts)}
+            if self.simulator is not None:
+                stats["cache"] = self.simulator.stats()
+            return json_reply(200, stats)
         if method == "GET" and path == "/version" and not sglang:
             return json_reply(200, {"version": "0.0.0-fake"})
         if method == "GET" and path in ("/server_info", "/get_server_info") and sglang:
@@ -304,13 +463,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="plain chat completions padded to about N bytes",
     )
+    model = p.add_argument_group("cache model (on with --cache-blocks; see the module docstring)")
+    model.add_argument(
+        "--cache-blocks", type=int, metavar="N", help="prefix cache capacity in blocks, per port"
+    )
+    model.add_argument("--block-tokens", type=int, default=16, help="tokens (words) per block")
+    model.add_argument(
+        "--prefill-ms-per-token", type=float, default=1.0, help="prefill time per uncached token"
+    )
+    model.add_argument(
+        "--decode-ms-per-token", type=float, default=20.0, help="time per generated token"
+    )
+    model.add_argument("--prefill-slots", type=int, default=1, help="prefills at once, per port")
+    model.add_argument("--slots", type=int, default=4, help="requests in service, per port")
     p.add_argument("--log", action="store_true", help="print one line per request")
     args = p.parse_args(argv)
     try:
         ports = parse_ports(args.ports, args.count)
     except ValueError as exc:
         p.error(str(exc))
-    config = FakeWorkerConfig(**{f.name: getattr(args, f.name) for f in fields(FakeWorkerConfig)})
+    try:
+        config = FakeWorkerConfig(
+            **{f.name: getattr(args, f.name) for f in fields(FakeWorkerConfig)}
+        )
+    except ValueError as exc:
+        p.error(str(exc))
     return trio.run(_run, ports, config, args.log)
 
 

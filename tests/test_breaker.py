@@ -67,3 +67,27 @@ def test_other_workers_are_not_affected_and_forget_drops_state() -> None:
     assert breakers.allows("b", now=0.0)
     breakers.forget("a")
     assert breakers.allows("a", now=0.0)
+
+
+def test_a_busy_answer_neither_counts_as_a_failure_nor_resets_the_failures() -> None:
+    breakers = CircuitBreakers(CONFIG)
+    for _ in range(10):
+        breakers.busy("w")
+    assert breakers.allows("w", now=0.0)
+    assert breakers.states() == {}
+
+    breakers.failed("w", now=0.0)
+    breakers.failed("w", now=0.0)
+    breakers.busy("w")  # alive, but no proof that it serves: the two failures still count
+    breakers.failed("w", now=0.0)
+    assert not breakers.allows("w", now=0.0)
+
+
+def test_a_probe_answered_busy_frees_the_probe_slot_and_leaves_the_breaker_half_open() -> None:
+    breakers = CircuitBreakers(CONFIG)
+    for _ in range(3):
+        breakers.failed("w", now=0.0)
+    breakers.routed("w", now=10.0)
+    breakers.busy("w")
+    assert breakers.states() == {"w": BreakerState.HALF_OPEN}
+    assert breakers.allows("w", now=10.0)  # the next request probes again

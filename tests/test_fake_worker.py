@@ -534,3 +534,126 @@ async def test_the_cli_serves_big_answers_of_big_answer_bytes() -> None:
                 assert await process.wait() == 0
     assert (response.status_code, len(response.content)) == (200, 50_000)
     assert response.json()["choices"][0]["message"]["content"].endswith("x" * 49_000)
+
+
+# ---- the cache model (--cache-blocks ...) ----
+
+
+def chat_turn(*contents: str, stream: bool = False) -> dict[str, Any]:
+    messages = [{"role": "user", "content": c} for c in contents]
+    return {"model": "fake-model", "messages": messages, "max_tokens": 3, "stream": stream}
+
+
+async def test_with_the_cache_model_answers_report_prompt_cached_and_queue_headers(
+    nursery: trio.Nursery,
+) -> None:
+    [worker] = await start(nursery, cache_blocks=64, block_tokens=4, decode_ms_per_token=0.0)
+    system = " ".join(f"s{i}" for i in range(20))
+    with trio.fail_after(10):
+        async with client(worker) as c:
+            first = await c.post(CHAT, json=chat_turn(system, "hello there"))
+            second = await c.post(CHAT, json=chat_turn(system, "hello there", "and more words"))
+            async with c.stream("POST", CHAT, json=chat_turn(system, stream=True)) as streamed:
+                events = [line async for line in streamed.aiter_lines() if line]
+            text = await c.post(
+                "/v1/completions", json={"model": "fake-model", "prompt": system, "max_tokens": 1}
+            )
+            refused = await c.post(CHAT, json=chat_turn(system) | {"model": "other"})
+            stats = (await c.get("/_stats")).json()
+    assert first.status_code == 200
+    assert first.json()["choices"][0]["message"]["content"] == f"[port {worker.port}] tok tok"
+    assert (first.headers["x-prompt-tokens"], first.headers["x-cached-tokens"]) == ("22", "0")
+    assert float(first.headers["x-queue-ms"]) < 50  # nothing else was queued
+    assert "x-prefill-ms" in first.headers
+    assert (second.headers["x-prompt-tokens"], second.headers["x-cached-tokens"]) == ("25", "20")
+    assert streamed.status_code == 200
+    assert streamed.headers["x-cached-tokens"] == "20"
+    assert events[-1] == "data: [DONE]"
+    assert len(events) == 4
+    assert (text.headers["x-prompt-tokens"], text.headers["x-cached-tokens"]) == ("20", "20")
+    assert refused.status_code == 404
+    assert "x-cached-tokens" not in refused.headers  # refusals bypass the model
+    assert stats["cache"] | {"blocks": 0} == {
+        "blocks": 0,
+        "evictions": 0,
+        "waiting": 0,
+        "running": 0,
+        "prompt_tokens": 22 + 25 + 20 + 20,
+        "cached_tokens": 20 * 3,
+    }
+    assert stats["cache"]["blocks"] == 6  # s0-s19 (5 blocks) and s20... with "hello": 1 more
+
+
+async def test_cached_tokens_grow_turn_by_turn_on_a_growing_history(
+    nursery: trio.Nursery,
+) -> None:
+    [worker] = await start(nursery, cache_blocks=1000, block_tokens=4, decode_ms_per_token=0.0)
+    history = [" ".join(f"s{i}" for i in range(40))]
+    cached = []
+    with trio.fail_after(10):
+        async with client(worker) as c:
+            for turn in range(4):
+                history.append(" ".join(f"u{turn}-{i}" for i in range(10)))
+                response = await c.post(CHAT, json=chat_turn(*history))
+                cached.append(int(response.headers["x-cached-tokens"]))
+    assert cached == [0, 48, 60, 68]  # every whole block of the previous turn's prompt
+    assert cached == sorted(cached)
+
+
+async def test_each_port_has_its_own_cache(nursery: trio.Nursery) -> None:
+    workers = await start(nursery, count=2, cache_blocks=100, block_tokens=4)
+    prompt = chat_turn(" ".join(f"w{i}" for i in range(16)))
+    with trio.fail_after(10):
+        async with client(workers[0]) as c:
+            await c.post(CHAT, json=prompt)
+            again = await c.post(CHAT, json=prompt)
+        async with client(workers[1]) as c:
+            other = await c.post(CHAT, json=prompt)
+    assert again.headers["x-cached-tokens"] == "16"
+    assert other.headers["x-cached-tokens"] == "0"
+    assert other.headers["x-fake-worker-port"] == str(workers[1].port)
+
+
+async def test_a_worker_with_one_slot_queues_the_second_request_until_the_first_is_sent(
+    nursery: trio.Nursery,
+) -> None:
+    [worker] = await start(nursery, cache_blocks=10, slots=1, decode_ms_per_token=50.0)
+    with trio.fail_after(10):
+        async with client(worker) as c, trio.open_nursery() as inner:
+            answers: list[httpx.Response] = []
+
+            async def ask() -> None:
+                answers.append(await c.post(CHAT, json=chat_turn("a b c")))  # 3 tokens: 0.1 s
+
+            inner.start_soon(ask)
+            inner.start_soon(ask)
+    queued = sorted(float(a.headers["x-queue-ms"]) for a in answers)
+    assert queued[0] < 50 < queued[1]
+
+
+async def test_the_cli_takes_the_cache_model_options() -> None:
+    command = [sys.executable, str(SCRIPT), "--count", "1", "--cache-blocks", "8"]
+    command += ["--block-tokens", "2", "--prefill-ms-per-token", "0", "--decode-ms-per-token", "0"]
+    command += ["--prefill-slots", "2", "--slots", "3"]
+    run = partial(trio.run_process, command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            process: trio.Process = await nursery.start(partial(run, check=False))
+            assert process.stdout is not None
+            async with process.stdout:
+                [port] = json.loads(await read_line(process.stdout))["listening"]
+                async with httpx.AsyncClient() as c:
+                    url = f"http://127.0.0.1:{port}{CHAT}"
+                    answers = [await c.post(url, json=chat_turn("a b c d e")) for _ in "12"]
+                process.send_signal(signal.SIGTERM)
+                assert await process.wait() == 0
+    assert [a.headers["x-cached-tokens"] for a in answers] == ["0", "4"]
+    with trio.fail_after(30):
+        bad = await trio.run_process(
+            [sys.executable, str(SCRIPT), "--cache-blocks", "8", "--slots", "0"],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert bad.returncode == 2
+    assert b"slots >= 1" in bad.stderr

@@ -80,3 +80,21 @@ def test_an_answer_from_a_worker_removed_meanwhile_creates_no_series() -> None:
     metrics.watch(RegistrySnapshot, dict, dict, lambda: 0)  # a registry without workers
     metrics.count_request("m", "gone", 200)
     assert b'worker_id="gone"' not in metrics.render()
+
+
+def test_busy_answers_are_counted_per_worker_and_their_series_go_with_the_worker() -> None:
+    metrics = GatewayMetrics()
+    metrics.count_busy("w1")
+    metrics.count_busy("w1")
+    metrics.count_busy("w2")
+    found = samples(metrics.render().decode())
+    assert found[("tmg_worker_busy_total", (("worker_id", "w1"),))] == 2
+    assert found[("tmg_worker_busy_total", (("worker_id", "w2"),))] == 1
+
+    metrics.forget_worker("w1")
+    metrics.watch(RegistrySnapshot, dict, dict, lambda: 0)  # w1 is no longer registered
+    metrics.count_busy("w1")  # an answer from before the removal, arriving late
+
+    rendered = metrics.render()
+    assert b'worker_id="w1"' not in rendered
+    assert b'tmg_worker_busy_total{worker_id="w2"} 1.0' in rendered

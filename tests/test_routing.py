@@ -286,15 +286,258 @@ def test_consistent_hash_caches_only_a_few_rings_per_model() -> None:
     assert 1 <= len(router._rings["m"]) <= 4
 
 
+# least_load
+
+
+def test_least_load_picks_the_fewest_in_flight_per_unit_of_weight() -> None:
+    router = Router("least_load", rng=random.Random(0))
+    light, heavy = worker("light", priority=50), worker("heavy", priority=100)
+
+    assert (
+        router.choose(RouteRequest("m"), [light, heavy], loads({"light": 2, "heavy": 3})) is heavy
+    )
+    assert (
+        router.choose(RouteRequest("m"), [light, heavy], loads({"light": 2, "heavy": 5})) is light
+    )
+
+
+def test_least_load_breaks_ties_at_random_never_by_id() -> None:
+    fleet = [worker(f"w{i}") for i in range(8)]
+    counts = route(Router("least_load", rng=random.Random(3)), fleet, 8000)
+
+    assert set(counts) == {w.id for w in fleet}
+    assert all(850 <= n <= 1150 for n in counts.values()), counts
+
+
+def test_least_load_ties_are_drawn_by_weight() -> None:
+    double, single = worker("double", priority=100), worker("single", priority=50)
+    counts = route(Router("least_load", rng=random.Random(4)), [double, single], 6000)
+
+    assert 3700 <= counts["double"] <= 4300
+
+
+def test_least_load_fills_every_worker_evenly_as_requests_pile_up() -> None:
+    router = Router("least_load", rng=random.Random(5))
+    fleet = [worker(f"w{i}") for i in range(8)]
+    in_flight: Counter[str] = Counter()
+    for _ in range(80):
+        in_flight[router.choose(RouteRequest("m"), fleet, in_flight.__getitem__).id] += 1
+        assert max(in_flight[w.id] for w in fleet) - min(in_flight[w.id] for w in fleet) <= 1
+
+    assert set(in_flight.values()) == {10}
+
+
 # cache_aware
+
+
+FLEET = [worker(f"w{i}") for i in range(8)]
+HOT = "You are the support agent of a large bank. " * 20 + "Customer: where is my card?"
+
+
+def prompt_of(system: int, session: int, turn: int) -> str:
+    history = "".join(f" [s{session} t{t}] question and answer {t}" * 4 for t in range(turn + 1))
+    return f"System prompt {system}: " + f"rules of system {system}. " * 40 + history
+
+
+def cache_router(**fields: Any) -> Router:
+    return Router("cache_aware", rng=random.Random(0), cache=CacheAwareConfig(**fields))
+
+
+def test_cache_aware_keeps_sessions_on_the_worker_that_cached_them_at_even_load() -> None:
+    router = cache_router()
+    owner: dict[int, str] = {}
+    for turn in range(4):
+        for session in range(16):
+            chosen = router.choose(
+                RouteRequest("m", prompt=prompt_of(session, session, turn)), FLEET, idle
+            )
+            assert owner.setdefault(session, chosen.id) == chosen.id
+
+    assert len(set(owner.values())) == 8  # sixteen new prefixes spread over all eight workers
+
+
+def test_cache_aware_places_new_prefixes_on_the_least_loaded_worker_with_fair_ties() -> None:
+    router = cache_router()
+    rng = random.Random(2)
+    counts: Counter[str] = Counter()
+    for _ in range(4000):
+        prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(120))
+        counts[router.choose(RouteRequest("m", prompt=prompt), FLEET, idle).id] += 1
+
+    assert all(400 <= n <= 600 for n in counts.values()), counts  # never the lowest id
+    busy = loads({w.id: 3 for w in FLEET if w.id != "w5"})
+    assert (
+        router.choose(RouteRequest("m", prompt="a brand new prompt " * 5), FLEET, busy).id == "w5"
+    )
+
+
+def test_cache_aware_spreads_a_hot_prefix_once_its_owner_is_busy_and_records_the_new_holder() -> (
+    None
+):
+    router = cache_router()
+    hot = RouteRequest("m", prompt=HOT)
+    owner = router.choose(hot, FLEET, idle)
+    in_flight: Counter[str] = Counter()
+    in_flight[owner.id] = 4  # the owner is busier, but not by more than a whole cached prompt
+    assert router.choose(hot, FLEET, in_flight.__getitem__) is owner
+
+    in_flight[owner.id] = 5  # now it is: the next request goes to an idle worker
+    second = router.choose(hot, FLEET, in_flight.__getitem__)
+    assert second is not owner
+    in_flight[second.id] = 1  # both hold the prefix now: the less busy of the two takes it
+    assert router.choose(hot, FLEET, in_flight.__getitem__) is second
+    assert router._trees["m"].match_lengths(HOT, [owner.id, second.id]) == {
+        owner.id: len(HOT),
+        second.id: len(HOT),
+    }
+
+
+def test_a_hot_prefix_under_growing_load_spreads_over_as_many_workers_as_it_needs() -> None:
+    router = cache_router()
+    in_flight: Counter[str] = Counter()
+    for i in range(64):  # requests pile up: none finishes
+        chosen = router.choose(
+            RouteRequest("m", prompt=HOT + f" #{i}"), FLEET, in_flight.__getitem__
+        )
+        in_flight[chosen.id] += 1
+        assert max(in_flight[w.id] for w in FLEET) - min(in_flight[w.id] for w in FLEET) <= 5
+
+    assert set(in_flight) == {w.id for w in FLEET}  # no worker stays idle while others queue
+
+
+def test_cache_aware_returns_to_affinity_when_the_load_passes() -> None:
+    router = cache_router()
+    first = RouteRequest("m", prompt=prompt_of(1, 1, 0))
+    owner = router.choose(first, FLEET, idle)
+    peak = loads({owner.id: 9})
+    spilled = router.choose(RouteRequest("m", prompt=prompt_of(1, 1, 1)), FLEET, peak)
+    assert spilled is not owner
+
+    holders = {owner.id, spilled.id}
+    for turn in range(2, 12):  # the peak is over: the session stays on the workers holding it
+        request = RouteRequest("m", prompt=prompt_of(1, 1, turn))
+        assert router.choose(request, FLEET, loads({w: 1 for w in holders})).id in holders
+    assert router.choose(RouteRequest("m", prompt=prompt_of(1, 1, 12)), FLEET, idle).id in holders
+
+
+def test_no_worker_stays_idle_while_another_queues_on_a_recorded_hot_spot() -> None:
+    # two hot prompts, three times the traffic of the rest, on a fleet that finishes requests:
+    # the recorded situation in which the previous cache_aware built a 30-deep queue
+    router = cache_router()
+    rng = random.Random(9)
+    in_flight: Counter[str] = Counter()
+    running: list[tuple[int, str]] = []
+    systems = [f"System {k}: " + f"instructions number {k}. " * 30 for k in range(12)]
+    worst = 0
+    for tick in range(3000):
+        running = [(end, w) for end, w in running if end > tick or in_flight.subtract([w])]
+        k = rng.choice([0, 0, 0, 1, 1, 1, *range(2, 12)])
+        prompt = systems[k] + f"user {rng.randrange(50)} asks question {tick}"
+        chosen = router.choose(RouteRequest("m", prompt=prompt), FLEET, in_flight.__getitem__)
+        in_flight[chosen.id] += 1
+        running.append((tick + 12, chosen.id))  # 12 ticks per request: about 12 in flight
+        worst = max(
+            worst, max(in_flight[w.id] for w in FLEET) - min(in_flight[w.id] for w in FLEET)
+        )
+
+    assert worst <= 5  # affinity_weight 4, plus the request being placed
+    hot_holders = router._trees["m"].match_lengths(systems[0], [w.id for w in FLEET])
+    assert len(hot_holders) >= 2  # the hot prompt was spread
+
+
+def test_a_match_below_min_match_counts_for_nothing() -> None:
+    a, b = worker("a"), worker("b")
+    short = RouteRequest("m", prompt="shared start, but then a much much longer other tail")
+    for min_match, expected in ((0.5, b), (0.1, a)):  # "shared start, " is 27 % of it
+        router = cache_router(min_match=min_match, affinity_weight=40)
+        router.choose(RouteRequest("m", prompt="shared start, then one long tail"), [a], idle)
+        assert router.choose(short, [a, b], loads({"a": 1})) is expected
+
+
+def test_cache_aware_weighs_load_per_unit_of_weight() -> None:
+    router = cache_router()
+    light, heavy = worker("light", priority=50), worker("heavy", priority=100)
+    request = RouteRequest("m", prompt=HOT)
+    router.choose(request, [light], idle)  # light holds the prompt
+
+    assert router.choose(request, [light, heavy], loads({"light": 4, "heavy": 1})) is light
+    assert router.choose(request, [light, heavy], loads({"light": 5, "heavy": 3})) is light
+    assert router.choose(request, [light, heavy], loads({"light": 5, "heavy": 1})) is heavy
+    assert (
+        router.choose(RouteRequest("m"), [light, heavy], loads({"light": 1, "heavy": 1})) is heavy
+    )
+
+
+def test_cache_aware_memory_stays_bounded_however_many_prompts_and_holders() -> None:
+    limit = 10_000
+    router = cache_router(max_chars_per_model=limit)
+    rng = random.Random(1)
+    in_flight: Counter[str] = Counter()
+    for i in range(3000):  # about 600,000 characters, a hot one spread over every worker
+        prompt = (
+            HOT if i % 3 == 0 else f"{i}:" + "".join(rng.choice("abcdefgh") for _ in range(200))
+        )
+        chosen = router.choose(RouteRequest("m", prompt=prompt), FLEET, in_flight.__getitem__)
+        in_flight[chosen.id] = (in_flight[chosen.id] + 1) % 7
+        assert router.cache_size("m") <= limit
+
+    tree = router._trees["m"]
+    assert tree.nodes <= tree.chars
+    assert tree.heap_size <= 2 * tree.nodes + 65
+    assert len(tree.match_lengths(HOT, [w.id for w in FLEET])) == 8
+    for w in FLEET[1:]:
+        router.forget(w.id)
+    assert tree.match_lengths(HOT, [w.id for w in FLEET]) == {"w0": len(HOT)}
+
+
+def test_cache_aware_forget_removes_a_workers_cached_prompts() -> None:
+    router = cache_router()
+    a, b = worker("a"), worker("b")
+    mine = RouteRequest("m", prompt=SYSTEM + "for a")
+    router.choose(mine, [a], idle)
+    assert router.choose(mine, [a, b], loads({"a": 3})) is a
+
+    router.forget("a")
+
+    assert router.cache_size("m") == 0
+    assert router.choose(mine, [a, b], loads({"a": 1})) is b
+
+
+# the prefix tree's per-worker match
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(st.text("ab", min_size=1, max_size=12), st.sampled_from("xyz")), max_size=30
+    ),
+    prompt=st.text("ab", min_size=1, max_size=12),
+    pool=st.sets(st.sampled_from("xyz")),
+)
+def test_the_prefix_tree_tells_each_candidate_how_much_of_a_prompt_it_served(
+    records: list[tuple[str, str]], prompt: str, pool: set[str]
+) -> None:
+    tree = PrefixTree(max_chars=10_000)
+    for text, worker_id in records:
+        tree.record(text, worker_id)
+
+    lengths = tree.match_lengths(prompt, sorted(pool))
+
+    best = {
+        w: max((common_length(prompt, t) for t, o in records if o == w), default=0) for w in pool
+    }
+    assert lengths == {w: n for w, n in best.items() if n}
+
+
+# cache_aware_legacy (the previous cache_aware, kept for comparison)
 
 
 def growing_load(in_flight: Counter[str]) -> Callable[[WorkerId], int]:
     return in_flight.__getitem__
 
 
-def test_cache_aware_sends_prompts_sharing_a_long_prefix_to_the_same_worker() -> None:
-    router = Router("cache_aware")
+def test_cache_aware_legacy_sends_prompts_sharing_a_long_prefix_to_the_same_worker() -> None:
+    router = Router("cache_aware_legacy")
     in_flight: Counter[str] = Counter()  # grows by one per request, within the balance bounds
     for i in range(20):
         prompt = SYSTEM + f"Question {i}: what is {i} squared?"
@@ -305,8 +548,8 @@ def test_cache_aware_sends_prompts_sharing_a_long_prefix_to_the_same_worker() ->
     assert len(in_flight) == 1
 
 
-def test_cache_aware_spreads_unrelated_prompts_by_load() -> None:
-    router = Router("cache_aware")
+def test_cache_aware_legacy_spreads_unrelated_prompts_by_load() -> None:
+    router = Router("cache_aware_legacy")
     in_flight: Counter[str] = Counter()
     for i in range(30):
         prompt = f"{i} unrelated prompt number {i}, nothing shared"
@@ -317,8 +560,8 @@ def test_cache_aware_spreads_unrelated_prompts_by_load() -> None:
     assert in_flight == {"a": 10, "b": 10, "c": 10}
 
 
-def test_cache_aware_falls_back_to_the_least_loaded_when_one_worker_is_overloaded() -> None:
-    router = Router("cache_aware")
+def test_cache_aware_legacy_falls_back_to_the_least_loaded_when_one_worker_is_overloaded() -> None:
+    router = Router("cache_aware_legacy")
     a, b = worker("a"), worker("b")
     request = RouteRequest("m", prompt=SYSTEM + "tell me a joke")
     assert router.choose(request, [a, b], idle) is a
@@ -330,8 +573,8 @@ def test_cache_aware_falls_back_to_the_least_loaded_when_one_worker_is_overloade
     assert router.choose(request, [a, b], loads({"a": 200, "b": 100})) is b  # both thresholds
 
 
-def test_cache_aware_ignores_a_match_shorter_than_the_threshold() -> None:
-    router = Router("cache_aware", cache=CacheAwareConfig(cache_threshold=0.5))
+def test_cache_aware_legacy_ignores_a_match_shorter_than_the_threshold() -> None:
+    router = Router("cache_aware_legacy", cache=CacheAwareConfig(cache_threshold=0.5))
     a, b = worker("a"), worker("b")
     router.choose(RouteRequest("m", prompt="shared start, then one long tail"), [a, b], idle)
 
@@ -341,8 +584,8 @@ def test_cache_aware_ignores_a_match_shorter_than_the_threshold() -> None:
     assert router.choose(close, [a, b], loads({"a": 1})) is a
 
 
-def test_cache_aware_without_a_prompt_picks_the_least_loaded_per_unit_of_weight() -> None:
-    router = Router("cache_aware")
+def test_cache_aware_legacy_without_a_prompt_picks_the_least_loaded_per_unit_of_weight() -> None:
+    router = Router("cache_aware_legacy")
     light, heavy = worker("light", priority=50), worker("heavy", priority=100)
 
     assert (
@@ -355,9 +598,9 @@ def test_cache_aware_without_a_prompt_picks_the_least_loaded_per_unit_of_weight(
     assert router.cache_size("m") == 0
 
 
-def test_cache_aware_memory_stays_bounded_however_many_prompts_arrive() -> None:
+def test_cache_aware_legacy_memory_stays_bounded_however_many_prompts_arrive() -> None:
     limit = 10_000
-    router = Router("cache_aware", cache=CacheAwareConfig(max_chars_per_model=limit))
+    router = Router("cache_aware_legacy", cache=CacheAwareConfig(max_chars_per_model=limit))
     rng = random.Random(1)
     for i in range(3000):  # about 600,000 characters
         prompt = f"{i}:" + "".join(rng.choice("abcdefgh") for _ in range(200))
@@ -373,8 +616,8 @@ def test_cache_aware_memory_stays_bounded_however_many_prompts_arrive() -> None:
     assert tree.heap_size <= 2 * tree.nodes + 65
 
 
-def test_forget_removes_a_workers_cached_prompts() -> None:
-    router = Router("cache_aware")
+def test_cache_aware_legacy_forget_removes_a_workers_cached_prompts() -> None:
+    router = Router("cache_aware_legacy")
     a, b = worker("a"), worker("b")
     mine = RouteRequest("m", prompt=SYSTEM + "for a")
     theirs = RouteRequest("m", prompt="something else entirely, for b")
@@ -384,7 +627,7 @@ def test_forget_removes_a_workers_cached_prompts() -> None:
 
     router.forget("a")
 
-    only_theirs = Router("cache_aware")
+    only_theirs = Router("cache_aware_legacy")
     only_theirs.choose(theirs, [b], idle)
     assert router.cache_size("m") == only_theirs.cache_size("m") > 0
     assert router.choose(mine, [a, b], loads({"a": 5})) is b
@@ -427,6 +670,8 @@ def test_no_candidates_is_a_value_error() -> None:
 @pytest.mark.parametrize(
     "fields",
     [
+        {"affinity_weight": -1.0},
+        {"min_match": 1.0},
         {"cache_threshold": 1.5},
         {"balance_abs_threshold": -1},
         {"balance_rel_threshold": 0.5},

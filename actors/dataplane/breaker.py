@@ -4,6 +4,12 @@ Per worker: CLOSED (routed) → after ``failure_threshold`` consecutive failures
 → after ``cooldown_secs``, HALF_OPEN: exactly one request is let through as a probe; its success
 closes the breaker, its failure opens it again for another cool-down. State is owned by the data
 plane and changed synchronously; the clock is passed in.
+
+Busy is not broken: a worker answering 429 or 503 is overloaded, not failing, and ``busy`` records
+no verdict at all. The count of consecutive failures is neither raised (a fleet under a load peak
+would otherwise lose its workers one breaker at a time, making the peak worse) nor reset (a
+worker that fails every real request while answering some 503s is still failing); a half-open
+probe that was answered busy frees the probe slot, and the next request probes again.
 """
 
 from __future__ import annotations
@@ -73,6 +79,12 @@ class CircuitBreakers:
         ):
             breaker.state = BreakerState.OPEN
             breaker.opened_at = now
+
+    def busy(self, worker_id: WorkerId) -> None:
+        """The worker answered busy (429/503): no verdict (see the module docstring)."""
+        breaker = self._breakers.get(worker_id)
+        if breaker is not None:
+            breaker.probing = False
 
     def abandoned(self, worker_id: WorkerId) -> None:
         """A routed request ended without a verdict (cancelled): free the probe slot."""

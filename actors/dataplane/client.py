@@ -10,7 +10,8 @@ hook they are ``gateway.request(...)`` and ``gateway.stream(...)``.
   ``.json()``. An answer the worker gave (a 4xx too) is returned as it is; when the gateway
   could not get one, a typed error says why, with the message an HTTP client gets:
   ``ModelNotFound`` (404), ``NoWorkerAvailable`` (503, ``retry_after`` seconds;
-  ``GatewayOverloaded`` is one), ``UpstreamFailed`` (502/504: the workers failed, retries used
+  ``GatewayOverloaded`` is one, and so is ``WorkersBusy``: 429 or 503, every worker tried
+  answered busy), ``UpstreamFailed`` (502/504: the workers failed, retries used
   up, or the answer broke off), ``InvalidRequest`` (400: no ``model``, not a JSON object, an
   unknown path), and ``InferenceError`` (their base) for the rest (501: gRPC workers only; 508).
 * ``stream`` is an async context manager; entering it sends the request and waits for the
@@ -33,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from actors.dataplane.proxy import Headers, ProxyRequest, Refusal
+from actors.dataplane.proxy import WORKERS_BUSY, Headers, ProxyRequest, Refusal
 from actors.dataplane.requests import ROUTES, BadInferenceRequest, parse_body, route_for
+from actors.dataplane.routing import PROMPT_POLICIES
 from actors.dataplane.upstream.pool import UpstreamError
 
 if TYPE_CHECKING:
@@ -73,6 +75,11 @@ class NoWorkerAvailable(InferenceError):
 
 class GatewayOverloaded(NoWorkerAvailable):
     """503: the gateway itself is out of file descriptors."""
+
+
+class WorkersBusy(NoWorkerAvailable):
+    """429 or 503 (``status``, as the workers answered; 503 when they differed): every worker
+    tried answered busy; ``retry_after`` is the smallest Retry-After they gave (else 1)."""
 
 
 class UpstreamFailed(InferenceError):
@@ -116,6 +123,8 @@ def error_for(refusal: Refusal) -> InferenceError:
         kind = ModelNotFound
     elif refusal.code == "gateway_overloaded":
         kind = GatewayOverloaded
+    elif refusal.code == WORKERS_BUSY:
+        kind = WorkersBusy
     elif refusal.status == 503:
         kind = NoWorkerAvailable
     elif refusal.status in (502, 504):
@@ -150,7 +159,7 @@ def build_request(
                 ) from None
         else:
             raise BadInferenceRequest("invalid_json", "the body must be a dict or JSON bytes")
-        wants_prompt = gateway.config.policy == "cache_aware"
+        wants_prompt = gateway.config.policy in PROMPT_POLICIES
         route = route_for(data, session_key=session_key, wants_prompt=wants_prompt)
     except BadInferenceRequest as bad:
         raise InvalidRequest(bad.status, bad.code, bad.message) from None

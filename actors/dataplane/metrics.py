@@ -6,11 +6,12 @@ inbox depth) are read from their owners at scrape time, so nothing is kept twice
 
 Series die with their worker. The gauges by ``worker_id`` come from the owners' current state,
 so a removed worker drops out of them by itself. ``tmg_requests_total{model,worker_id,code}`` is
-a counter: each label set it ever had is kept here per worker, and ``forget_worker`` (called when
-the registry removes the worker) removes them all; a series for a worker that is no longer
-registered is never created again. Without that, every worker that ever served left its series
-behind (thousands after a few thousand churn cycles). The kept children also spare the hot path
-``labels()``'s lookup: one dict hit per answer.
+a counter, and so is ``tmg_worker_busy_total{worker_id}`` (answers 429/503: the worker was
+overloaded; not counted against its breaker): each label set they ever had is kept here per
+worker, and ``forget_worker`` (called when the registry removes the worker) removes them all; a
+series for a worker that is no longer registered is never created again. Without that, every
+worker that ever served left its series behind (thousands after a few thousand churn cycles).
+The kept children also spare the hot path ``labels()``'s lookup: one dict hit per answer.
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ class GatewayMetrics:
             ["model", "worker_id", "code"],
             registry=self.registry,
         )
+        self._busy: dict[WorkerId, Counter] = {}
+        self.busy = Counter(
+            "tmg_worker_busy",
+            "Busy answers (429 or 503: overloaded, not failing) by worker",
+            ["worker_id"],
+            registry=self.registry,
+        )
         self.duration = self._latency(
             "tmg_request_duration_seconds", "Time from a request's arrival to the end of its answer"
         )
@@ -117,8 +125,19 @@ class GatewayMetrics:
             self._requests_of.setdefault(worker_id, []).append(key)
         child.inc()
 
+    def count_busy(self, worker_id: WorkerId) -> None:
+        """``worker_id`` answered busy (429 or 503)."""
+        child = self._busy.get(worker_id)
+        if child is None:
+            if not self._registered(worker_id):
+                return  # removed while this request ran: its series are gone for good
+            child = self._busy[worker_id] = self.busy.labels(worker_id)
+        child.inc()
+
     def forget_worker(self, worker_id: WorkerId) -> None:
         """The worker left the registry: remove every series that names it."""
+        if self._busy.pop(worker_id, None) is not None:
+            self.busy.remove(worker_id)
         for key in self._requests_of.pop(worker_id, ()):
             del self._requests[key]
             model, _, code = key

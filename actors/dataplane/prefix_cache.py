@@ -14,8 +14,13 @@ an entry for each leaf's current tick (stale entries are skipped when popped, an
 rebuilt when stale entries outnumber the nodes). A prefix is touched whenever any prompt
 extending it is, so it is never older than its extensions: eviction eats prompts from the end.
 
-Costs: ``match`` and ``record`` walk one path; comparing an edge is a C-level ``startswith``, so a
-long shared prefix costs little Python work. ``forget`` visits only the nodes the worker is on.
+Several workers can hold one node (a hot prompt that routing spread over more workers is marked
+on each of them, and ``match_lengths`` tells how much of a prompt each one holds). The holders of
+a node are bounded by the workers serving the model: ``forget`` drops a worker that leaves.
+
+Costs: ``match``, ``match_lengths`` and ``record`` walk one path; comparing an edge is a C-level
+``startswith``, so a long shared prefix costs little Python work. ``forget`` visits only the
+nodes the worker is on.
 """
 
 from __future__ import annotations
@@ -107,6 +112,38 @@ class PrefixTree:
                 break
             node, pos = child, length
         return length, hits
+
+    def match_lengths(self, prompt: str, candidates: Iterable[WorkerId]) -> dict[WorkerId, int]:
+        """For each candidate, the length of the longest prefix of ``prompt`` it served; only
+        candidates with a match above 0 are listed. One walk down one path: a candidate leaves
+        the pool at the first node it is not on (nor is it on any node below)."""
+        lengths: dict[WorkerId, int] = {}
+        node, pos, end = self._root, 0, len(prompt)
+        pool = set(candidates)
+        while pos < end:
+            child = node.children.get(prompt[pos])
+            if child is None:
+                break
+            workers = child.workers
+            if len(workers) < len(pool) or not pool.issubset(workers):
+                found = pool.intersection(workers)
+                if pos:
+                    for w in pool.difference(found):
+                        lengths[w] = pos
+                if not found:
+                    return lengths
+                pool = found
+            text = child.text
+            if prompt.startswith(text, pos):
+                pos += len(text)
+                node = child
+            else:
+                pos += _common_length(text, prompt, pos)
+                break
+        if pos:
+            for w in pool:
+                lengths[w] = pos
+        return lengths
 
     def record(self, prompt: str, worker_id: WorkerId) -> None:
         """Remember that ``worker_id`` served ``prompt`` (at most ``max_chars // 2`` of it)."""

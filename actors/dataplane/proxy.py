@@ -15,6 +15,17 @@ out exactly that many bytes or fails), never a header merely copied from the wor
 ends short of it cuts the client's connection (the answer is never finished, so the server
 closes it) rather than leaving it expecting bytes that belong to the next answer.
 
+Busy is not broken. A worker answering 429 or 503 is overloaded, not failing: its breaker records
+no verdict (``CircuitBreakers.busy``), ``tmg_worker_busy_total{worker_id}`` counts it, and the
+request, which did not run, is tried on another worker (a retry like any other: it takes one of
+the ``retries``). Its body is read (up to ``SMALL_ANSWER``, within ``BUSY_READ_SECS``) so that the
+connection stays pooled. When every worker tried was busy, or some were busy and the others
+failed or none is left to try, the client gets the busy answer (never a 502): 429 when every busy
+answer was a 429, else 503, code ``workers_busy``, with ``Retry-After`` the smallest one the
+busy workers gave (the soonest any of them expects to have room; the client's retry is routed
+afresh, so any worker will do), or 1 when none gave one. A Retry-After is delay-seconds or an
+HTTP-date; anything else is ignored; it is capped at ``MAX_RETRY_AFTER``.
+
 Two failures are not the worker's: the gateway out of file descriptors (ResourcesExhausted: a
 503 with Retry-After, no breaker, no retry elsewhere), and a request that came around again
 (``x-tmg-via`` names this gateway; refused by the ASGI layer; a worker answering 508 is passed
@@ -23,9 +34,12 @@ on to the client as it is, and counts against the worker's breaker).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import trio
@@ -62,6 +76,10 @@ NOT_FORWARDED = frozenset(
 )
 SMALL_ANSWER = 64 * 1024  # a sized answer up to this is read whole and sent in one piece
 LOOP_DETECTED = 508
+BUSY = frozenset((429, 503))  # the worker is overloaded, not failing
+WORKERS_BUSY = "workers_busy"  # the code of a busy refusal
+BUSY_READ_SECS = 1.0  # reading a busy answer's small body (to keep its connection) takes no longer
+MAX_RETRY_AFTER = 3600
 
 
 class Responder(Protocol):
@@ -125,6 +143,7 @@ class DataPlane:
         model = request.route.model
         tried: set[str] = set()
         last: Refusal | None = None
+        busy: Refusal | None = None  # the busy answers so far, merged
         for attempt in range(self.retries + 1):
             now = trio.current_time()
             candidates = self._candidates(model, tried, now)
@@ -142,6 +161,10 @@ class DataPlane:
                 self._inflight.release(worker.id)
             if last is None or last.final:
                 return last
+            if last.code == WORKERS_BUSY:
+                busy = last if busy is None else _merge_busy(busy, last)
+        if busy is not None:
+            return _busy_answer(busy, model)
         return last or self._no_worker(model)
 
     def _candidates(self, model: str, tried: set[str], now: float) -> Sequence[Worker]:
@@ -171,6 +194,18 @@ class DataPlane:
             ) as answer:
                 status = answer.status
                 self._metrics.count_request(model, worker.id, status)
+                if status in BUSY:  # overloaded, not failing: no verdict, try another
+                    self._metrics.count_busy(worker.id)
+                    self.breakers.busy(worker.id)
+                    verdict = True
+                    retry_after = _retry_after(answer.headers)
+                    if answer.length is not None and answer.length <= SMALL_ANSWER:
+                        # read out, the connection stays pooled; if that fails the pool closes
+                        # it, and the answer is busy all the same
+                        with trio.move_on_after(BUSY_READ_SECS), suppress(UpstreamError):
+                            await answer.read()
+                    message = f"the worker answered {status} (busy)"
+                    return Refusal(status, WORKERS_BUSY, message, retry_after=retry_after)
                 if status >= 500 and status != LOOP_DETECTED:
                     self.breakers.failed(worker.id, trio.current_time())
                     verdict = True
@@ -254,3 +289,37 @@ class DataPlane:
                 retry_after=1,
             )
         return Refusal(404, "model_not_found", f"no worker serves model {model!r}")
+
+
+def _retry_after(headers: Headers) -> int | None:
+    """A worker's Retry-After in whole seconds (delay-seconds or an HTTP-date), capped at
+    ``MAX_RETRY_AFTER``; None when it gave none, or none that can be read."""
+    for name, value in headers:
+        if name == b"retry-after":
+            value = value.strip()
+            if value.isdigit():
+                return MAX_RETRY_AFTER if len(value) > 6 else min(int(value), MAX_RETRY_AFTER)
+            try:
+                when = parsedate_to_datetime(value.decode("latin-1"))
+            except (TypeError, ValueError, IndexError):
+                return None
+            if when.tzinfo is None:
+                return None
+            return min(max(0, math.ceil(when.timestamp() - time.time())), MAX_RETRY_AFTER)
+    return None
+
+
+def _merge_busy(first: Refusal, second: Refusal) -> Refusal:
+    """Two busy answers as one: 429 only if both were; the smaller Retry-After given."""
+    status = first.status if first.status == second.status else 503
+    given = [r for r in (first.retry_after, second.retry_after) if r is not None]
+    return Refusal(status, WORKERS_BUSY, first.message, retry_after=min(given, default=None))
+
+
+def _busy_answer(busy: Refusal, model: str) -> Refusal:
+    retry_after = 1 if busy.retry_after is None else busy.retry_after
+    message = (
+        f"every worker tried for model {model!r} is busy ({busy.status}); "
+        f"retry after {retry_after} s"
+    )
+    return Refusal(busy.status, WORKERS_BUSY, message, retry_after=retry_after)

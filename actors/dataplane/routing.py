@@ -3,6 +3,10 @@
 The data plane owns one ``Router`` and calls ``choose`` for every request. Every policy is
 deterministic given the ``random.Random`` it was handed.
 
+Load is the gateway's in-flight count to a worker (requests and streams through this gateway:
+the only load signal it has), compared per unit of weight: ``cost(w) = load(w) * 50 / weight(w)``,
+in in-flight requests of a default worker (priority 50, cost 1).
+
 How priority and cost weigh in. A candidate's weight is ``priority / cost``. Candidates with
 priority 0 are dropped whenever any candidate has a priority above 0: priority 0 marks a worker of
 last resort, used only when nothing else can serve. When every candidate has priority 0 they are
@@ -21,12 +25,34 @@ weighed as if at the default priority 50, i.e. by ``50 / cost``. Per policy:
   a worker joining or leaving moves only the keys it takes or had. The key is the session key
   (``x-session-id``, else ``user``); without one, ``round_robin``. Rings are cached per candidate
   set; a set missing up to ``RING_SKIP`` workers of a cached ring (a retry) walks past them.
-* ``cache_aware``: when the in-flight counts are imbalanced (``max - min`` above
-  ``balance_abs_threshold`` and ``max`` above ``balance_rel_threshold * min``), or there is no
-  prompt, the least loaded candidate (lowest ``load / weight``; ties: higher weight, lower id).
-  Otherwise the candidate that served the longest prefix of the prompt, when that prefix is at
-  least ``cache_threshold`` of the prompt (among several: least loaded, then most recent);
-  else the least loaded. The prompt is then recorded for the chosen worker (``prefix_cache``).
+* ``least_load``: the lowest ``cost(w)``; ties are broken by a weighted random draw among the
+  tied (never by id, so new work spreads evenly over idle workers).
+* ``cache_aware``: each candidate scores ``affinity(w) - cost(w)``; the highest score wins, ties
+  by a weighted random draw. ``f(w)`` is the fraction of the prompt the worker served recently
+  (its longest prefix of the prompt in the per-model prefix tree, ``prefix_cache``), and
+  ``affinity(w) = affinity_weight * (f - min_match) / (1 - min_match)`` when ``f`` is above
+  ``min_match`` (0.1), else 0: a small coincidental overlap ("You are a helpful assistant.") is
+  worth nothing, so it does not pull new prompts to whoever served the first one.
+  ``affinity_weight`` (``AFFINITY_WEIGHT``, 4) is what a wholly cached prompt is worth in
+  in-flight requests: a worker holding the prompt keeps it until it has that many more requests
+  in flight than the least loaded worker (proportionally fewer for a partial match). So a hot
+  prefix stays on its holders while they are no busier than that; then it goes to the least
+  loaded worker, which is recorded as a holder too (it now caches the prefix), and later
+  requests choose among all its holders by load: the prefix spreads over as many workers as its
+  traffic needs. When the load passes, its holders win again (at equal load they outscore
+  workers without it): back to affinity. A new prefix (no match anywhere) goes to the least
+  loaded worker, ties drawn at random. As the chosen worker scores at least as well as the least
+  loaded one, its cost is at most ``affinity_weight`` above the lowest: no worker is sent more
+  work while another has that many fewer requests in flight. Without a prompt: ``least_load``.
+  Every prompt is recorded for the chosen worker. Memory: the tree is bounded by
+  ``max_chars_per_model``; the holders of a node by the workers serving the model.
+* ``cache_aware_legacy`` (the previous ``cache_aware``, kept for comparison): when the in-flight
+  counts are imbalanced (``max - min`` above ``balance_abs_threshold`` and ``max`` above
+  ``balance_rel_threshold * min``), or there is no prompt, the least loaded candidate (lowest
+  ``load / weight``; ties: higher weight, lower id). Otherwise the candidate that served the
+  longest prefix of the prompt, when that prefix is at least ``cache_threshold`` of the prompt
+  (among several: least loaded, then most recent); else the least loaded. The prompt is then
+  recorded for the chosen worker.
 """
 
 from __future__ import annotations
@@ -44,7 +70,17 @@ from actors.core.model import Worker, WorkerId
 from actors.dataplane.prefix_cache import PrefixTree
 
 # every policy's name: GatewayConfig.policy and `tmg serve --policy` take their choices from here
-POLICIES = ("round_robin", "random", "power_of_two", "consistent_hash", "cache_aware")
+POLICIES = (
+    "round_robin",
+    "random",
+    "power_of_two",
+    "consistent_hash",
+    "least_load",
+    "cache_aware",
+    "cache_aware_legacy",
+)
+PROMPT_POLICIES = frozenset(("cache_aware", "cache_aware_legacy"))  # these read the prompt
+AFFINITY_WEIGHT = 4.0  # cache_aware: a whole cached prompt is worth this many in-flight requests
 DEFAULT_PRIORITY = 50  # the weight of an all-priority-0 set is DEFAULT_PRIORITY / cost
 MIN_COST = 1e-6  # keeps every weight finite
 REFERENCE_WEIGHT = 50.0  # priority 50 at cost 1.0 gets VNODES virtual nodes
@@ -66,14 +102,18 @@ class RouteRequest:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheAwareConfig:
-    cache_threshold: float = 0.5  # matched prefix / prompt length needed to follow the cache
-    balance_abs_threshold: int = 32
-    balance_rel_threshold: float = 1.5
+    affinity_weight: float = AFFINITY_WEIGHT  # cache_aware: see the module docstring
+    min_match: float = 0.1  # cache_aware: a match of at most this fraction of a prompt is ignored
+    cache_threshold: float = 0.5  # legacy: matched prefix / prompt length to follow the cache
+    balance_abs_threshold: int = 32  # legacy
+    balance_rel_threshold: float = 1.5  # legacy
     max_chars_per_model: int = 2_000_000  # characters of prompts remembered per model
 
     def __post_init__(self) -> None:
         if not (
-            0.0 <= self.cache_threshold <= 1.0
+            0.0 <= self.affinity_weight <= 1e6
+            and 0.0 <= self.min_match < 1.0
+            and 0.0 <= self.cache_threshold <= 1.0
             and self.balance_abs_threshold >= 0
             and self.balance_rel_threshold >= 1.0
             and self.max_chars_per_model >= 1
@@ -132,6 +172,18 @@ def _least_loaded(
         if tick >= 0 and (best < 0 or rank < best_rank):
             best, best_rank = i, rank
     return best
+
+
+def _fair_best(rng: random.Random, scores: list[float], weights: list[float]) -> int:
+    """The index of the highest score; ties: a draw proportional to weight among the tied."""
+    top = max(scores)
+    if scores.count(top) == 1:
+        return scores.index(top)
+    tied = [i for i, score in enumerate(scores) if score == top]
+    tied_weights = [weights[i] for i in tied]
+    if min(tied_weights) == max(tied_weights):
+        return tied[rng.randrange(len(tied))]
+    return tied[_draw(rng, tied_weights, sum(tied_weights))]
 
 
 def _weighed(candidates: Sequence[Worker]) -> tuple[list[Worker], list[float]]:
@@ -219,8 +271,12 @@ class Router:
         workers, weights = _weighed(candidates)
         if name == "cache_aware":
             return self._cache_aware(request, workers, weights, load)
+        if name == "cache_aware_legacy":
+            return self._cache_aware_legacy(request, workers, weights, load)
         if len(workers) == 1:
             return workers[0]
+        if name == "least_load":
+            return workers[self._least_load(workers, weights, load)]
         if name == "random":
             return workers[_draw(self.rng, weights, sum(weights))]
         if name == "power_of_two":
@@ -276,7 +332,39 @@ class Router:
         owner = ring.owner(key, allowed)
         return next(w for w in workers if w.id == owner)
 
+    def _least_load(self, workers: list[Worker], weights: list[float], load: Load) -> int:
+        scores = [-load(w.id) / weight for w, weight in zip(workers, weights, strict=True)]
+        return _fair_best(self.rng, scores, weights)
+
     def _cache_aware(
+        self, request: RouteRequest, workers: list[Worker], weights: list[float], load: Load
+    ) -> Worker:
+        prompt = request.prompt
+        if not prompt:
+            return workers[self._least_load(workers, weights, load) if len(workers) > 1 else 0]
+        tree = self._trees.get(request.model)
+        if tree is None:
+            tree = self._trees[request.model] = PrefixTree(self.cache.max_chars_per_model)
+        best = 0
+        if len(workers) > 1:
+            scores = [
+                -load(w.id) * REFERENCE_WEIGHT / weight
+                for w, weight in zip(workers, weights, strict=True)
+            ]
+            lengths = tree.match_lengths(prompt, [w.id for w in workers])
+            if lengths:
+                config = self.cache
+                floor = config.min_match * len(prompt)  # in characters
+                scale = config.affinity_weight / (len(prompt) - floor)
+                for i, worker in enumerate(workers):
+                    matched = lengths.get(worker.id)
+                    if matched is not None and matched > floor:
+                        scores[i] += (matched - floor) * scale
+            best = _fair_best(self.rng, scores, weights)
+        tree.record(prompt, workers[best].id)
+        return workers[best]
+
+    def _cache_aware_legacy(
         self, request: RouteRequest, workers: list[Worker], weights: list[float], load: Load
     ) -> Worker:
         prompt, config = request.prompt, self.cache
