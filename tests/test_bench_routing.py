@@ -6,11 +6,10 @@ import itertools
 
 import pytest
 
-from scripts.bench_routing import (
+from scripts.bench_routing import Results, figures
+from scripts.routing_trace import (
     HOT_FACTOR,
-    Results,
     Session,
-    figures,
     make_trace,
     oracle_hit_rate,
     parse_load,
