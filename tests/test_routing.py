@@ -340,7 +340,10 @@ def prompt_of(system: int, session: int, turn: int) -> str:
 
 
 def cache_router(**fields: Any) -> Router:
-    return Router("cache_aware", rng=random.Random(0), cache=CacheAwareConfig(**fields))
+    # the prompts here are short (tens to hundreds of characters, not thousands): at 10 characters
+    # per request in flight a cached one outweighs the load gap, as a real prompt does at 500
+    config = CacheAwareConfig(**{"affinity_chars": 10.0, **fields})
+    return Router("cache_aware", rng=random.Random(0), cache=config)
 
 
 def test_cache_aware_keeps_sessions_on_the_worker_that_cached_them_at_even_load() -> None:
@@ -378,10 +381,10 @@ def test_cache_aware_spreads_a_hot_prefix_once_its_owner_is_busy_and_records_the
     hot = RouteRequest("m", prompt=HOT)
     owner = router.choose(hot, FLEET, idle)
     in_flight: Counter[str] = Counter()
-    in_flight[owner.id] = 4  # the owner is busier, but not by more than a whole cached prompt
+    in_flight[owner.id] = 4  # the owner is busier, but by no more than affinity_weight
     assert router.choose(hot, FLEET, in_flight.__getitem__) is owner
 
-    in_flight[owner.id] = 5  # now it is: the next request goes to an idle worker
+    in_flight[owner.id] = 5  # now by more: the next request goes to an idle worker
     second = router.choose(hot, FLEET, in_flight.__getitem__)
     assert second is not owner
     in_flight[second.id] = 1  # both hold the prefix now: the less busy of the two takes it
@@ -449,7 +452,7 @@ def test_a_match_below_min_match_counts_for_nothing() -> None:
     a, b = worker("a"), worker("b")
     short = RouteRequest("m", prompt="shared start, but then a much much longer other tail")
     for min_match, expected in ((0.5, b), (0.1, a)):  # "shared start, " is 27 % of it
-        router = cache_router(min_match=min_match, affinity_weight=40)
+        router = cache_router(min_match=min_match, affinity_weight=40, affinity_chars=1)
         router.choose(RouteRequest("m", prompt="shared start, then one long tail"), [a], idle)
         assert router.choose(short, [a, b], loads({"a": 1})) is expected
 
@@ -671,6 +674,7 @@ def test_no_candidates_is_a_value_error() -> None:
     "fields",
     [
         {"affinity_weight": -1.0},
+        {"affinity_chars": 0.5},
         {"min_match": 1.0},
         {"cache_threshold": 1.5},
         {"balance_abs_threshold": -1},

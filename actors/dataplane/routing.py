@@ -28,24 +28,28 @@ weighed as if at the default priority 50, i.e. by ``50 / cost``. Per policy:
 * ``least_load``: the lowest ``cost(w)``; ties are broken by a weighted random draw among the
   tied (never by id, so new work spreads evenly over idle workers).
 * ``cache_aware``: each candidate scores ``affinity(w) - cost(w)``; the highest score wins, ties
-  by a weighted random draw. ``f(w)`` is the fraction of the prompt the worker served recently
-  (its longest prefix of the prompt in the per-model prefix tree, ``prefix_cache``), and
-  ``affinity(w) = affinity_weight * (f - min_match) / (1 - min_match)`` when ``f`` is above
-  ``min_match`` (0.1), else 0: a small coincidental overlap ("You are a helpful assistant.") is
-  worth nothing, so it does not pull new prompts to whoever served the first one.
-  ``affinity_weight`` (``AFFINITY_WEIGHT``, 4) is what a wholly cached prompt is worth in
-  in-flight requests: a worker holding the prompt keeps it until it has that many more requests
-  in flight than the least loaded worker (proportionally fewer for a partial match). So a hot
-  prefix stays on its holders while they are no busier than that; then it goes to the least
-  loaded worker, which is recorded as a holder too (it now caches the prefix), and later
-  requests choose among all its holders by load: the prefix spreads over as many workers as its
-  traffic needs. When the load passes, its holders win again (at equal load they outscore
-  workers without it): back to affinity. A new prefix (no match anywhere) goes to the least
-  loaded worker, ties drawn at random. As the chosen worker scores at least as well as the least
-  loaded one, its cost is at most ``affinity_weight`` above the lowest: no worker is sent more
-  work while another has that many fewer requests in flight. Without a prompt: ``least_load``.
-  Every prompt is recorded for the chosen worker. Memory: the tree is bounded by
-  ``max_chars_per_model``; the holders of a node by the workers serving the model.
+  by a weighted random draw. ``m(w)`` is the length in characters of the longest prefix of the
+  prompt the worker served recently (in the per-model prefix tree, ``prefix_cache``), and
+  ``affinity(w) = (m - min_match * len(prompt)) / affinity_chars`` when ``m`` is above that floor
+  (``min_match``, 0.1 of the prompt), else 0: a small coincidental overlap ("You are a helpful
+  assistant.") is worth nothing, so it does not pull new prompts to whoever served the first
+  one. Affinity counts the characters whose prefill the worker saves, not a fraction of the
+  prompt: ``affinity_chars`` (``AFFINITY_CHARS``, 500) characters of cached prefix are worth one
+  request in flight, so a long history is worth its length, and a session stays with the worker
+  holding its history rather than move to another holder of its system prompt that is slightly
+  less busy (that move would prefill the whole history again). But affinity only counts for a
+  worker whose cost is at most ``affinity_weight`` (``AFFINITY_WEIGHT``, 4) above the lowest:
+  a busier one is ranked by load alone, whatever it holds. So a hot prefix stays on its holders
+  until they have that many more requests in flight than the least loaded worker; then it goes
+  to the least loaded worker, which is recorded as a holder too (it now caches the prefix), and
+  later requests choose among all its holders (by what each holds, then by load): the prefix
+  spreads over as many workers as its traffic needs. When the load passes, its holders win again
+  (within the gap they outscore workers without it): back to affinity. A new prefix (no match
+  anywhere) goes to the least loaded worker, ties drawn at random. The chosen worker's cost is
+  at most ``affinity_weight`` above the lowest: no worker is sent more work while another has
+  that many fewer requests in flight. Without a prompt: ``least_load``. Every prompt is recorded
+  for the chosen worker. Memory: the tree is bounded by ``max_chars_per_model``; the holders of a
+  node by the workers serving the model.
 * ``cache_aware_legacy`` (the previous ``cache_aware``, kept for comparison): when the in-flight
   counts are imbalanced (``max - min`` above ``balance_abs_threshold`` and ``max`` above
   ``balance_rel_threshold * min``), or there is no prompt, the least loaded candidate (lowest
@@ -80,7 +84,8 @@ POLICIES = (
     "cache_aware_legacy",
 )
 PROMPT_POLICIES = frozenset(("cache_aware", "cache_aware_legacy"))  # these read the prompt
-AFFINITY_WEIGHT = 4.0  # cache_aware: a whole cached prompt is worth this many in-flight requests
+AFFINITY_WEIGHT = 4.0  # cache_aware: the most in-flight requests a cached prefix makes up for
+AFFINITY_CHARS = 500.0  # cache_aware: characters of cached prefix worth one in-flight request
 DEFAULT_PRIORITY = 50  # the weight of an all-priority-0 set is DEFAULT_PRIORITY / cost
 MIN_COST = 1e-6  # keeps every weight finite
 REFERENCE_WEIGHT = 50.0  # priority 50 at cost 1.0 gets VNODES virtual nodes
@@ -103,6 +108,7 @@ class RouteRequest:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheAwareConfig:
     affinity_weight: float = AFFINITY_WEIGHT  # cache_aware: see the module docstring
+    affinity_chars: float = AFFINITY_CHARS  # cache_aware: see the module docstring
     min_match: float = 0.1  # cache_aware: a match of at most this fraction of a prompt is ignored
     cache_threshold: float = 0.5  # legacy: matched prefix / prompt length to follow the cache
     balance_abs_threshold: int = 32  # legacy
@@ -112,6 +118,7 @@ class CacheAwareConfig:
     def __post_init__(self) -> None:
         if not (
             0.0 <= self.affinity_weight <= 1e6
+            and 1.0 <= self.affinity_chars <= 1e9
             and 0.0 <= self.min_match < 1.0
             and 0.0 <= self.cache_threshold <= 1.0
             and self.balance_abs_threshold >= 0
@@ -355,10 +362,11 @@ class Router:
             if lengths:
                 config = self.cache
                 floor = config.min_match * len(prompt)  # in characters
-                scale = config.affinity_weight / (len(prompt) - floor)
+                scale = 1.0 / config.affinity_chars
+                cap = max(scores) - config.affinity_weight  # busier: no affinity, whatever it holds
                 for i, worker in enumerate(workers):
                     matched = lengths.get(worker.id)
-                    if matched is not None and matched > floor:
+                    if matched is not None and matched > floor and scores[i] >= cap:
                         scores[i] += (matched - floor) * scale
             best = _fair_best(self.rng, scores, weights)
         tree.record(prompt, workers[best].id)
