@@ -24,9 +24,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import trio
 
@@ -186,6 +186,19 @@ def side_by_side(results: list[Any]) -> dict[str, Any]:
     return table
 
 
+def run_orchestrator(
+    name: str, main: Callable[[argparse.Namespace], Awaitable[int]], args: argparse.Namespace
+) -> NoReturn:
+    """``trio.run(main, args)`` and exit with its code; Ctrl-C exits 130 (``main`` stops its
+    children on the way out, whatever ends it)."""
+    try:
+        code = trio.run(main, args)
+    except* KeyboardInterrupt:
+        print(f"{name}: interrupted; its children were stopped", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
 async def stop_children(children: list[Child], *, show_logs: bool) -> None:
     """Stop the gateway first (it may be probing the workers); show their logs on failure."""
     for child in reversed(children):
@@ -205,10 +218,4 @@ if __name__ == "__main__":
         default="both",
         help="our gateway's registry: in memory, in a temporary SQLite file, or both in turn",
     )
-    arguments = parser.parse_args()
-    try:
-        code = trio.run(main, arguments)
-    except* KeyboardInterrupt:
-        print("bench_churn: interrupted; its children were stopped", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_orchestrator("bench_churn", main, parser.parse_args())

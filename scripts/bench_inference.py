@@ -37,7 +37,14 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_churn import ROOT, Child, fake_worker_command, gateway_command, stop_children
+from scripts.bench_churn import (
+    ROOT,
+    Child,
+    fake_worker_command,
+    gateway_command,
+    run_orchestrator,
+    stop_children,
+)
 
 MODEL = "fake-model"  # the fake worker's default
 MAX_TOKENS = 10
@@ -243,10 +250,4 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        code = trio.run(main, arguments)
-    except* KeyboardInterrupt:
-        print("bench_inference: interrupted; its children were stopped", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_orchestrator("bench_inference", main, parse_args())

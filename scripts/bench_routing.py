@@ -66,7 +66,7 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_churn import ROOT, Child, fake_worker_command, gateway_command
+from scripts.bench_churn import ROOT, Child, fake_worker_command, gateway_command, run_orchestrator
 from scripts.load_inference import percentile_ms
 from scripts.loadtest import worker_state
 from scripts.routing_trace import (
@@ -442,10 +442,4 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        code = trio.run(main, arguments)
-    except* KeyboardInterrupt:
-        print("bench_routing: interrupted; its children were stopped", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    run_orchestrator("bench_routing", main, parse_args())
