@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
+import httpx
 import trio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,8 @@ WORKERS = sum(count for _, count in RUNS)  # distinct ports: no run sees another
 STATES = {"memory": ("memory",), "file": ("file",), "both": ("memory", "file")}
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 20.0
+# what a benchmark run can fail with that is the run's failure, not a bug in the script
+RUN_FAILURES = (OSError, RuntimeError, ValueError, KeyError, httpx.HTTPError, trio.TooSlowError)
 
 
 def fake_worker_command(count: int, *options: str) -> list[str]:

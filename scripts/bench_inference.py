@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
 from scripts.bench_churn import (
     ROOT,
+    RUN_FAILURES,
     Child,
     fake_worker_command,
     gateway_command,
@@ -170,14 +171,7 @@ async def main(args: argparse.Namespace) -> int:
                 ok = await run_all(args, children, targets, runs)
                 nursery.cancel_scope.cancel()  # the signal watcher
             interrupted = sigterm.is_set()
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-            KeyError,
-            httpx.HTTPError,
-            trio.TooSlowError,
-        ) as error:
+        except RUN_FAILURES as error:
             print(f"bench_inference: {type(error).__name__}: {error}", file=sys.stderr)
         except BaseException:  # Ctrl-C (perhaps in an exception group): stop, show no logs
             interrupted = True

@@ -66,7 +66,14 @@ if __package__ in (None, ""):  # run as a file: make the project root importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.bench_churn import ROOT, Child, fake_worker_command, gateway_command, run_orchestrator
+from scripts.bench_churn import (
+    ROOT,
+    RUN_FAILURES,
+    Child,
+    fake_worker_command,
+    gateway_command,
+    run_orchestrator,
+)
 from scripts.load_inference import percentile_ms
 from scripts.loadtest import worker_state
 from scripts.routing_trace import (
@@ -342,14 +349,7 @@ async def run_one(
             results, wall = await replay(gateway, trace)
             ok = not results.errors
             return line | figures(results, wall)
-        except (
-            OSError,
-            RuntimeError,
-            ValueError,
-            KeyError,
-            httpx.HTTPError,
-            trio.TooSlowError,
-        ) as e:
+        except RUN_FAILURES as e:
             return line | {"failed": f"{type(e).__name__}: {e}"}
         finally:
             if ids and args.gateway is not None:
