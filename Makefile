@@ -4,7 +4,9 @@ VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 BIN := $(VENV)/bin
 
-.PHONY: setup run test bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup run test bench clean postgres
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +19,17 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+# The tests start their own PostgreSQL server (scripts/postgres_server.py): Debian's package,
+# installed here when missing (not needed when TMG_TEST_POSTGRES_URL names a server).
+postgres:
+	@if [ -z "$$TMG_TEST_POSTGRES_URL" ] && ! command -v initdb >/dev/null 2>&1 \
+	    && [ -z "$$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ]; then \
+	  echo "installing Debian's postgresql package for the tests"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install \
+	    -y -qq --no-install-recommends postgresql >/dev/null; \
+	fi
+
+test: $(STAMP) postgres
 	$(BIN)/ruff check actors api scripts tests
 	$(BIN)/mypy
 	TMG_MIN_TESTS=300 $(BIN)/python -m pytest -q

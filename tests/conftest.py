@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from functools import partial
 
@@ -15,6 +15,7 @@ from actors import GatewayConfig, open_gateway, worker_spec
 from actors.registry.service import Gateway
 from api.serve import serve_api
 from scripts.fake_worker import FakeWorker, FakeWorkerConfig, serve_fake_workers
+from scripts.postgres_server import PostgresServer
 from tests import asgi_apps
 
 # Registration retries fast in tests; nothing waits on wall-clock defaults.
@@ -113,3 +114,42 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if minimum and session.testscollected < minimum:
         print(f"\nonly {session.testscollected} tests collected; expected at least {minimum}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ---- PostgreSQL: one private server per test session (scripts/postgres_server.py) ----------
+
+
+class _GivenServer:
+    """TMG_TEST_POSTGRES_URL: an existing server; a database per test is created through it."""
+
+    def __init__(self, url: str) -> None:
+        self.admin_url = url
+        self._count = 0
+
+    def create_database(self) -> str:
+        import psycopg
+
+        self._count += 1
+        name = f"tmg_test_{os.getpid()}_{self._count}"
+        with psycopg.connect(self.admin_url, autocommit=True, connect_timeout=10) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            conn.execute(f'CREATE DATABASE "{name}"')
+        base, _, _ = self.admin_url.rpartition("/")
+        return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer | _GivenServer]:
+    """Never skipped: without PostgreSQL installed (``make test`` installs it) this errors."""
+    given = os.environ.get("TMG_TEST_POSTGRES_URL")
+    if given:
+        yield _GivenServer(given)
+        return
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer | _GivenServer) -> str:
+    """A fresh, empty database on the session's server."""
+    return postgres_server.create_database()

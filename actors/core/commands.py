@@ -95,6 +95,12 @@ class SetHealth(Ask[Worker]):
     healthy: bool
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sync(Ask[None]):
+    """Changes nothing: answered once the registry has taken in every change other replicas
+    committed before it was handled (with a shared store; at once otherwise)."""
+
+
 Command: TypeAlias = (
     CreateWorker
     | StartAttempt

@@ -14,7 +14,7 @@ never holds what the store did not keep.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from actors.core import commands as cmd
@@ -158,6 +158,48 @@ class WorkerTable:
             self._jobs.replacing.update(changes.replacing)
         self._jobs.take_effects()
         self._changes = Changes()
+
+    def absorb(
+        self,
+        upserts: Mapping[WorkerId, tuple[Worker, WorkerSpec | None]],
+        deletes: Collection[WorkerId],
+        *,
+        next_job_id: int,
+        everything: bool = False,
+    ) -> list[cmd.Effect]:
+        """Take in a change another replica committed (it is stored already, so it is not
+        recorded in ``take_changes()``; call this with no changes pending). ``upserts``: each
+        worker's record and the spec a PUT of it is detecting (or None); ``everything``: the
+        upserts are the whole registry and every other worker is gone. Returns the effects
+        for this replica: cancel any job of its own that the change superseded (a worker
+        removed, or given another job)."""
+        effects: list[cmd.Effect] = []
+        gone = set(self._workers) - set(upserts) if everything else set(deletes)
+        for worker_id in gone:
+            worker = self._workers.get(worker_id)
+            if worker is not None:
+                self._indexes.delete(worker)
+                self._jobs.replacing.pop(worker_id, None)
+                effects.append(cmd.CancelJob(worker_id=worker_id, job_id=None))
+        for worker_id, (worker, replacing) in upserts.items():
+            old = self._workers.get(worker_id)
+            old_job = None if old is None else old.job
+            new_job_id = None if worker.job is None else worker.job.job_id
+            if old_job is not None and old_job.active and new_job_id != old_job.job_id:
+                effects.append(cmd.CancelJob(worker_id=worker_id, job_id=old_job.job_id))
+            self._indexes.put(worker)
+            job = worker.job
+            if (
+                replacing is not None
+                and job is not None
+                and job.active
+                and job.job_type is JobType.REPLACE
+            ):
+                self._jobs.replacing[worker_id] = Replacement(job.job_id, replacing)
+            else:
+                self._jobs.replacing.pop(worker_id, None)
+        self._jobs.next_id = max(self._jobs.next_id, next_job_id)
+        return effects
 
     def replacement(self, worker_id: WorkerId) -> WorkerSpec | None:
         """The spec a PUT of this worker is detecting, if one is in progress."""

@@ -15,6 +15,12 @@ BeginDrain (so a drain is never lost, even if whoever sent the DELETE is gone be
   is logged), then for ``health.drain_settle_secs``, then asks the registry for ``FinishDrain``.
   A second DELETE of a draining worker starts no second task. A FinishDrain that the registry
   refuses (the worker is gone already) is not an error.
+* **Replicas** (a shared store): in-flight counts are per replica, so nothing is removed in the
+  DELETE's step; every replica drains every worker it sees turn ``draining`` (its own DELETEs
+  and those it takes in from the others), and once it has nothing in flight to it records so
+  in the store (``record_idle``); the worker is removed (by whichever replica asks first) when
+  every live replica has recorded it, or at its drain timeout. A replica that stopped
+  heartbeating is not live, so it never holds a drain.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from actors.core.model import Worker, WorkerId, WorkerStatus
 from actors.dataplane.inflight import InFlight
 
 log = logging.getLogger("tmg.drain")
+IDLE_POLL_SECS = 0.05  # how often a replica looks whether the others are idle too
 
 
 class Drainer:
@@ -39,10 +46,14 @@ class Drainer:
         nursery: trio.Nursery,
         inflight: InFlight,
         finish: Callable[[WorkerId], Awaitable[object]],
+        record_idle: Callable[[WorkerId], Awaitable[bool]] | None = None,
     ) -> None:
+        """``record_idle``: with a shared store, records this replica idle for a worker and
+        says whether every live replica is (see the module docstring)."""
         self._nursery = nursery
         self._inflight = inflight
         self._finish = finish
+        self._record_idle = record_idle
         self._draining: set[WorkerId] = set()  # workers with a drain task running
 
     @property
@@ -54,7 +65,8 @@ class Drainer:
         """True when a worker that just began draining can be removed in the same step: nothing
         in flight and no settle time to wait."""
         return (
-            worker.status is WorkerStatus.DRAINING
+            self._record_idle is None
+            and worker.status is WorkerStatus.DRAINING
             and not worker.spec.health.drain_settle_secs
             and self._inflight.count(worker.id) == 0
         )
@@ -71,6 +83,10 @@ class Drainer:
         try:
             with trio.move_on_after(spec.drain_timeout_secs or 0.0) as waited:
                 await self._inflight.wait_idle(worker.id)
+                if self._record_idle is not None:
+                    # the others' records are in the database: polled, no event to wait on
+                    while not await self._record_idle(worker.id):  # noqa: ASYNC110
+                        await trio.sleep(IDLE_POLL_SECS)
             if waited.cancelled_caught:
                 log.warning("worker %s: drain timed out with requests in flight", worker.id)
             await trio.sleep(spec.health.drain_settle_secs)

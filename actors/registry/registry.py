@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import outcome
 import trio
 
-from actors.core.codec import stored_worker
+from actors.core.codec import spec_from_plain, stored_worker, worker_from_plain
 from actors.core.commands import (
     BeginDrain,
     CancelJob,
@@ -49,6 +49,7 @@ from actors.core.commands import (
     ReplaceSpec,
     RetryWorker,
     StartJob,
+    Sync,
 )
 from actors.core.errors import GatewayError
 from actors.core.jobs import UuidSource
@@ -57,13 +58,22 @@ from actors.core.snapshot import RegistrySnapshot
 from actors.core.table import Changes, WorkerTable
 from actors.registry.drain import Drainer
 from actors.registry.mailbox import Envelope, Inbox, refuse_pending
-from actors.store.base import Batch, Reservation, StoredState, StoreError
+from actors.store.base import (
+    Batch,
+    Behind,
+    Change,
+    Reservation,
+    StoredState,
+    StoreError,
+    is_shared,
+)
 from actors.store.writer import StoreWriter
 
 log = logging.getLogger("tmg.registry")
 _STARTS_JOBS = (CreateWorker, ReplaceSpec, RetryWorker, RecheckWorker)
 MAX_BATCH = 64  # commands applied between two publishes when asks queue up
 RESERVATION_BLOCK = 1000  # ids and job ids reserved ahead in the store (actors/store/base.py)
+MAX_CATCH_UPS = 16  # a batch decided again this often (other replicas kept committing): 503
 
 
 class StoreUnavailable(GatewayError):
@@ -94,7 +104,15 @@ class Journal:
     """The registry's side of its store: one ``Batch`` per batch of commands, with only the
     workers the table says changed (``codec.stored_worker``: a row each) and the counters whose
     reserved marks move (``Reservation``: in blocks of ``RESERVATION_BLOCK``), and the id
-    prefix in the first batch when it is new."""
+    prefix in the first batch when it is new.
+
+    **Shared store** (``actors.store.base.SharedStore``: several replicas): every batch, even
+    one that changed nothing, is committed after ``applied``, the last change this replica has
+    taken in, so every answer is decided on the newest state: if another replica committed
+    since, the store raises ``Behind`` and the registry takes the missing changes in
+    (``absorb``) and decides the batch again. The batch then carries the exact counters (every
+    replica keeps the highest it saw: ids and job ids are never handed out twice) and each
+    updated worker's ``spec_version`` before it (the store's compare-and-set)."""
 
     def __init__(
         self,
@@ -106,6 +124,8 @@ class Journal:
         block: int = RESERVATION_BLOCK,
     ) -> None:
         self.writer = writer
+        self.shared = is_shared(writer.store)
+        self.applied = stored.change_seq  # a shared store's last change taken in
         self._table = table
         self._ids = ids
         self._id_mark = Reservation(stored.id_high_water, block)
@@ -114,29 +134,85 @@ class Journal:
 
     def batch(self, changes: Changes) -> Batch:
         table = self._table
+        upserts = {worker_id: stored_worker(table, worker_id) for worker_id in changes.upserted}
+        prefix = None if self._prefix_stored else self._ids.prefix
+        if self.shared:
+            if not upserts and not changes.deleted:
+                return Batch()
+            return Batch(
+                upserts=upserts,
+                deletes=changes.deleted,
+                id_prefix=prefix,
+                id_high_water=self._ids.count,
+                next_job_id=table.next_job_id,
+                versions_before={
+                    worker_id: None
+                    if (old := changes.before.get(worker_id)) is None
+                    else old.spec_version
+                    for worker_id in upserts
+                },
+            )
         return Batch(
-            upserts={worker_id: stored_worker(table, worker_id) for worker_id in changes.upserted},
+            upserts=upserts,
             deletes=changes.deleted,
-            id_prefix=None if self._prefix_stored else self._ids.prefix,
+            id_prefix=prefix,
             id_high_water=self._id_mark.advance(self._ids.count),
             next_job_id=self._job_mark.advance(table.next_job_id),
         )
 
-    async def commit(self, changes: Changes) -> None:
+    async def commit(self, changes: Changes, *, fresh: bool = False) -> None:
         """Write ``changes`` as one transaction (nothing, without a checkpoint, when there is
-        nothing to write). On any error the reservations are as before (the marks the batch
-        would have stored are not held by the store) and the error propagates."""
+        nothing to write, unless the store is shared and ``fresh`` is False: see above). On
+        any error the reservations are as before (the marks the batch would have stored are
+        not held by the store) and the error propagates (``Behind`` included)."""
         marks = self._id_mark.mark, self._job_mark.mark
         try:
             batch = self.batch(changes)
-            if batch.empty:
+            if self.shared:
+                if batch.empty and fresh:
+                    return
+                self.applied = await self.writer.commit_after(batch, self.applied)
+            elif batch.empty:
                 return
-            await self.writer.commit(batch)
+            else:
+                await self.writer.commit(batch)
         except BaseException:
             self._id_mark.mark, self._job_mark.mark = marks
             raise
         if batch.id_prefix is not None:
             self._prefix_stored = True
+
+    def absorb(self, changes: list[Change]) -> tuple[list[Effect], list[Worker]]:
+        """Take in other replicas' committed changes, in order: the effects for this replica
+        (jobs of its own to cancel, workers to forget) and the workers now draining."""
+        effects: list[Effect] = []
+        touched: set[WorkerId] = set()
+        for change in changes:
+            if change.seq <= self.applied and not change.full:
+                continue
+            upserts = {
+                worker_id: (
+                    worker_from_plain(plain),
+                    None if plain.get("replacing") is None else spec_from_plain(plain["replacing"]),
+                )
+                for worker_id, plain in change.upserts.items()
+            }
+            effects += self._table.absorb(
+                upserts,
+                change.deletes,
+                next_job_id=change.next_job_id,
+                everything=change.full,
+            )
+            self._ids.count = max(self._ids.count, change.id_high_water)
+            self.applied = change.seq
+            touched.update(upserts)
+        draining = [
+            worker
+            for worker_id in touched
+            if (worker := self._table.get(worker_id)) is not None
+            and worker.status is WorkerStatus.DRAINING
+        ]
+        return effects, draining
 
 
 async def run_registry(
@@ -181,6 +257,8 @@ async def run_registry(
             backlog.popleft()
 
     def apply(message: object) -> outcome.Outcome[object]:
+        if isinstance(message, Sync):
+            return outcome.Value(None)
         free = 0
         if isinstance(message, _STARTS_JOBS):  # room left once the backlog and this batch's
             starts = sum(isinstance(effect, StartJob) for effect in effects)  # jobs are in
@@ -199,19 +277,36 @@ async def run_registry(
         return result
 
     async def handle(batch: list[Envelope[object]]) -> None:
-        effects.clear()
-        drained.clear()
-        results = [apply(queued.message) for queued in batch]
-        changes = table.take_changes()
-        if journal is not None:
+        fresh = False  # True once this batch took in other replicas' changes
+        for catch_ups in range(MAX_CATCH_UPS + 1):
+            effects.clear()
+            drained.clear()
+            results = [apply(queued.message) for queued in batch]
+            changes = table.take_changes()
+            if journal is None:
+                break
             try:
-                await journal.commit(changes)
-            except StoreError as error:
+                await journal.commit(changes, fresh=fresh)
+                break
+            except Behind as behind:  # decided on a stale table: take the news in, again
                 table.undo(changes)
+                carry_out(*journal.absorb(behind.changes))
+                fresh = True
+                if catch_ups < MAX_CATCH_UPS:
+                    continue
+                error: StoreError | None = None
+            except StoreError as refused:
+                table.undo(changes)
+                error = refused
+            if error is not None:
                 log.error("%s; %d asks answered 503, nothing changed", error, len(batch))
-                for queued in batch:
-                    queued.reply.answer(outcome.Error(StoreUnavailable()))
-                return
+            else:
+                log.error("other replicas kept committing; %d asks answered 503", len(batch))
+            if fresh:
+                publish(table.snapshot())  # what was taken in from other replicas
+            for queued in batch:
+                queued.reply.answer(outcome.Error(StoreUnavailable()))
+            return
         # stored: from here to the replies, no checkpoint
         publish(table.snapshot())  # before the replies: read-your-writes
         carry_out(list(effects), list(drained))
@@ -219,7 +314,8 @@ async def run_registry(
             queued.reply.answer(result)
 
     publish(table.snapshot())
-    carry_out(table.take_effects(), [])
+    draining = [w for w in table.workers.values() if w.status is WorkerStatus.DRAINING]
+    carry_out(table.take_effects(), draining)  # a shared store's drains in progress
     task_status.started()
     with inbox, jobs_send:
         try:

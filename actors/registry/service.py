@@ -22,6 +22,7 @@ a health probe at once; failed workers get their recheck scheduled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,13 +41,15 @@ from actors.core.commands import (
     FinishDrain,
     ReplaceSpec,
     RetryWorker,
+    Sync,
     UpdateSpec,
 )
 from actors.core.config import GatewayConfig
-from actors.core.errors import RegistryTimeout, WorkerFailed, WorkerNotFound
+from actors.core.errors import GatewayStopped, RegistryTimeout, WorkerFailed, WorkerNotFound
 from actors.core.jobs import UuidSource
 from actors.core.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
 from actors.core.snapshot import RegistrySnapshot
+from actors.core.table import WorkerTable
 from actors.core.validation import require_instance, require_worker_id
 from actors.dataplane import client
 from actors.dataplane.breaker import BreakerConfig, CircuitBreakers
@@ -62,12 +65,15 @@ from actors.registry.health import run_health_checker
 from actors.registry.mailbox import Envelope, Outbox, deliver, post
 from actors.registry.registrar import run_registrar
 from actors.registry.registry import Job, Journal, StoreUnavailable, run_registry
+from actors.registry.replicas import run_change_follower, run_heartbeat
 from actors.store import MemoryStore, Store, open_store
+from actors.store.base import Change, StoredState, StoreError, is_shared
 from actors.store.writer import StoreWriter, open_store_writer
 
 T = TypeVar("T")
 StoreOption = Store | Callable[[], Store] | None
 log = logging.getLogger("tmg.gateway")
+REPLICA_HEARTBEAT_SECS = 1.0  # with a shared store; the store's lease is 5 s
 Forward = Callable[[ProxyRequest, Responder], Awaitable[Refusal | None]]
 
 
@@ -88,6 +94,7 @@ class Gateway:
         pool: UpstreamPool,
     ) -> None:
         self.config = config
+        self.shared = False  # True with a store other replicas share (set by open_gateway)
         self._inflight = inflight
         self._registry = registry
         self._snapshot = RegistrySnapshot()
@@ -186,6 +193,20 @@ class Gateway:
         require_worker_id(worker_id)
         return await self._ask(BeginDrain(worker_id=worker_id))
 
+    async def sync(self) -> None:
+        """With a shared store: return once every change other replicas committed before the
+        call is in this gateway's snapshot (at once otherwise)."""
+        if self.shared:
+            await self._ask(Sync())
+
+    async def find_worker(self, worker_id: WorkerId) -> Worker:
+        """``get_worker``, but with a shared store an id this replica does not know yet is
+        looked for in the store's newest changes first: an id any replica returned is never
+        404 on another."""
+        if self.shared and self._snapshot.get(worker_id) is None:
+            await self.sync()
+        return self.get_worker(worker_id)
+
     # ---- waiting --------------------------------------------------------------------------
 
     async def wait_status(
@@ -199,7 +220,7 @@ class Gateway:
         awaited (one that is failed already may still come back: a retry or recheck);
         trio.TooSlowError after ``timeout`` seconds."""
         wanted = WorkerStatus(status)
-        worker = self.get_worker(worker_id)
+        worker = await self.find_worker(worker_id)
         previous = worker.status
         with trio.CancelScope(deadline=trio.current_time() + timeout):
             while True:
@@ -315,11 +336,43 @@ async def open_gateway(
 
 def _store_opener(config: GatewayConfig, store: StoreOption) -> Callable[[], Store]:
     if store is None:
-        return partial(open_store, config.state)
+        return partial(open_store, config.state, replica=config.instance_id)
     if callable(getattr(store, "commit", None)):  # a Store itself
         given: Store = store  # type: ignore[assignment]
         return lambda: given
     return store  # type: ignore[return-value]
+
+
+def _recover(
+    config: GatewayConfig,
+    writer: StoreWriter,
+    stored: StoredState,
+    ids: UuidSource,
+    clock: Callable[[], float],
+) -> tuple[WorkerTable, Journal]:
+    """The table rebuilt from the store. A single gateway's store is recovered
+    (``codec.restore_workers``: work in progress restarts, draining workers are dropped); a
+    shared store's workers are taken in as they are, since other replicas may be working on
+    them."""
+    options: dict[str, Any] = {
+        "new_id": ids,
+        "queue_size": config.registration_queue_size,
+        "first_job_id": stored.next_job_id,
+    }
+    if not is_shared(writer.store):
+        table = restore_workers(stored.workers.values(), now=clock(), **options)
+        return table, Journal(writer, table, ids, stored)
+    table = WorkerTable(**options)
+    journal = Journal(writer, table, ids, stored)
+    everything = Change(
+        seq=stored.change_seq,
+        upserts=stored.workers,
+        id_high_water=stored.id_high_water,
+        next_job_id=stored.next_job_id,
+        full=True,
+    )
+    journal.absorb([everything])
+    return table, journal
 
 
 @asynccontextmanager
@@ -332,17 +385,14 @@ async def _open_gateway(
 ) -> AsyncIterator[Gateway]:
     if isinstance(writer.store, MemoryStore):
         log.info("registry in memory only: workers are forgotten when the gateway stops")
+    shared = is_shared(writer.store)
+    if shared:
+        await writer.call(writer.store.heartbeat)  # type: ignore[attr-defined]
     stored = await writer.load()
     ids = UuidSource(stored.id_prefix, stored.id_high_water)
-    table = restore_workers(
-        stored.workers.values(),
-        now=clock(),
-        new_id=ids,
-        queue_size=config.registration_queue_size,
-        first_job_id=stored.next_job_id,
-    )
-    journal = Journal(writer, table, ids, stored)
-    await journal.commit(table.take_changes())  # what the recovery changed, first
+    table, journal = _recover(config, writer, stored, ids, clock)
+    if not shared:
+        await journal.commit(table.take_changes())  # what the recovery changed, first
     ready = [w.id for w in table.workers.values() if w.status is WorkerStatus.READY]
     rechecks = [
         (worker.id, worker.job.job_id, worker.spec.recheck_interval_secs)
@@ -351,6 +401,7 @@ async def _open_gateway(
         and worker.job is not None
         and not worker.job.active
         and worker.spec.recheck_interval_secs
+        and not shared
     ]
     if stored.workers:
         log.info(
@@ -374,6 +425,7 @@ async def _open_gateway(
         jobs_send, jobs_receive = trio.open_memory_channel[Job](config.registration_queue_size)
         inflight = InFlight()
         gateway = Gateway(config, inbox_send, inflight, pool)
+        gateway.shared = shared
 
         async def finish_drain(worker_id: WorkerId) -> Worker:
             refusals = 0
@@ -384,7 +436,15 @@ async def _open_gateway(
                     refusals += 1
                     await trio.sleep(config.backoff(refusals))
 
-        drainer = Drainer(nursery, inflight, finish_drain)
+        async def record_idle(worker_id: WorkerId) -> bool:
+            try:
+                idle: bool = await writer.call(partial(writer.store.record_idle, worker_id))  # type: ignore[attr-defined]
+            except StoreError as error:
+                log.warning("drain of %s: %s", worker_id, error)
+                return False
+            return idle
+
+        drainer = Drainer(nursery, inflight, finish_drain, record_idle if shared else None)
         await nursery.start(
             partial(
                 run_registry,
@@ -400,6 +460,16 @@ async def _open_gateway(
                 clock=clock,
             )
         )
+        if shared:
+
+            def sync() -> None:
+                with contextlib.suppress(GatewayStopped):
+                    post(inbox_send, Sync())
+
+            await nursery.start(partial(run_change_follower, writer.store, sync))
+            await nursery.start(
+                partial(run_heartbeat, writer, writer.store, interval_secs=REPLICA_HEARTBEAT_SECS)
+            )
         probe = detector or Detector(client, instance_id=config.instance_id)
         record = gateway.metrics.registration_jobs_outcome
         await nursery.start(

@@ -1,6 +1,7 @@
 """Where the registry keeps its state beyond the process: the ``Store`` interface
-(``base``), the in-memory store (``memory``, the default), SQLite (``sqlite``, one host) and the
-writer thread that runs a store's blocking calls off the event loop (``writer``).
+(``base``), the in-memory store (``memory``, the default), SQLite (``sqlite``, one host),
+PostgreSQL (``postgres``, shared by replicas) and the writer thread that runs a store's
+blocking calls off the event loop (``writer``).
 
 Everything here but ``writer`` is plain blocking code and imports no trio.
 """
@@ -16,6 +17,7 @@ from actors.store.base import (
     StoreError,
     StoreInUse,
     identity_key,
+    is_postgres_url,
     validate_batch,
 )
 from actors.store.memory import MemoryStore
@@ -24,11 +26,16 @@ from actors.store.sqlite import SqliteStore
 MEMORY = ":memory:"
 
 
-def open_store(state: str) -> Store:
-    """The store a ``--state`` value names: ``:memory:`` or a SQLite file's path (blocking:
-    call it in the writer thread, ``open_store_writer(partial(open_store, state))``)."""
+def open_store(state: str, *, replica: str = "gateway") -> Store:
+    """The store a ``--state`` value names: ``:memory:``, a PostgreSQL URL (shared by every
+    replica; ``replica`` names this one) or a SQLite file's path (blocking: call it in the
+    writer thread, ``open_store_writer(partial(open_store, state))``)."""
     if state == MEMORY:
         return MemoryStore()
+    if is_postgres_url(state):
+        from actors.store.postgres import PostgresStore  # psycopg only when used
+
+        return PostgresStore(state, replica=replica)
     return SqliteStore(state)
 
 

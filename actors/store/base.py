@@ -40,7 +40,8 @@ class StoreError(Exception):
     ``found`` says what was found there, in words an operator can act on."""
 
     def __init__(self, path: str | Path, found: str) -> None:
-        super().__init__(f"state file {path}: {found}")
+        what = "store" if "://" in str(path) else "state file"
+        super().__init__(f"{what} {path}: {found}")
         self.path = str(path)
         self.found = found
 
@@ -71,6 +72,7 @@ class StoredState:
     id_high_water: int = 0
     next_job_id: int = 1
     schema_version: int | None = None
+    change_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +83,17 @@ class Batch:
     is one row, written whole). ``deletes``: ids of workers that are gone (deleting an id the
     store does not hold is harmless). An id is in at most one of the two. ``id_prefix``,
     ``id_high_water``, ``next_job_id``: the new values to keep, or None when unchanged (see
-    ``Reservation``); a store writes a counter only when it differs from what it holds."""
+    ``Reservation``); a store writes a counter only when it differs from what it holds.
+    ``versions_before``: for an upserted worker, the ``spec_version`` the writer's table held
+    before the batch (None: the worker is new), for a shared store's compare-and-set; a store
+    of one writer may ignore it."""
 
     upserts: Mapping[WorkerId, PlainWorker] = field(default_factory=dict)
     deletes: Collection[WorkerId] = ()
     id_prefix: str | None = None
     id_high_water: int | None = None
     next_job_id: int | None = None
+    versions_before: Mapping[WorkerId, int | None] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -120,6 +126,69 @@ class Store(Protocol):
     def commit(self, batch: Batch) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One committed batch of a shared store, as every replica applies it.
+
+    ``seq``: its number; the numbers have no gaps and follow commit order. ``upserts`` and
+    ``deletes`` as in ``Batch``; ``id_high_water``/``next_job_id``: the writer's counters
+    after it (every replica keeps the highest it saw, so ids are never handed out twice);
+    ``replica``: who wrote it. ``full``: not a batch but the whole registry as of ``seq`` (a
+    replica too far behind for the kept log): every worker not in ``upserts`` is gone."""
+
+    seq: int
+    upserts: Mapping[WorkerId, Mapping[str, Any]]
+    deletes: Collection[WorkerId] = ()
+    id_high_water: int = 0
+    next_job_id: int = 1
+    replica: str = ""
+    full: bool = False
+
+
+class Behind(Exception):
+    """A shared store refused a commit because other replicas committed since the writer's
+    last change: ``changes`` (in order, up to the newest) must be applied first, and the batch
+    decided again on the result. Nothing of the refused batch is stored."""
+
+    def __init__(self, changes: list[Change]) -> None:
+        super().__init__(f"{len(changes)} changes from other replicas to apply first")
+        self.changes = changes
+
+
+class SharedStore(Store, Protocol):
+    """A store several gateways (replicas) write at once (``actors/store/postgres.py``).
+
+    ``commit_after(batch, after)`` commits ``batch`` only if ``after`` is still the newest
+    change number and returns the batch's own number (``after`` itself for an empty batch:
+    then it is only a check that nothing newer exists); else it raises ``Behind``.
+    ``changes_since(seq)`` reads what followed ``seq``. ``wait_for_changes(timeout)`` blocks
+    until another replica may have committed (a notification) or ``timeout`` passes; it uses
+    its own connection, so it runs in its own thread while the writer's calls go on.
+    ``heartbeat()`` records this replica as alive and returns the live replicas' ids;
+    ``record_idle(worker_id)`` records that this replica has nothing in flight to a draining
+    worker and returns whether every live replica has."""
+
+    replica: str
+
+    def commit_after(self, batch: Batch, after: int) -> int: ...
+
+    def changes_since(self, seq: int) -> list[Change]: ...
+
+    def wait_for_changes(self, timeout: float) -> bool: ...
+
+    def heartbeat(self) -> list[str]: ...
+
+    def record_idle(self, worker_id: WorkerId) -> bool: ...
+
+
+def is_postgres_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
+
+
+def is_shared(store: Store) -> bool:
+    return callable(getattr(store, "commit_after", None))
 
 
 class Reservation:
@@ -165,6 +234,11 @@ def validate_batch(batch: Batch) -> None:
         version = plain.get("spec_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise ValueError(f"upsert {worker_id!r}: spec_version is not an int")
+    for worker_id, version in batch.versions_before.items():
+        if worker_id not in batch.upserts:
+            raise ValueError(f"versions_before names {worker_id!r}, which is not upserted")
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ValueError(f"versions_before[{worker_id!r}] is not an int or None")
     for worker_id in batch.deletes:
         if not isinstance(worker_id, str):
             raise ValueError(f"delete {worker_id!r}: expected a str id")

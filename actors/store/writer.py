@@ -92,6 +92,17 @@ class StoreWriter:
         """Store ``batch`` as one transaction; runs to its end once called (see above)."""
         await self._call(partial(self.store.commit, batch))
 
+    async def commit_after(self, batch: Batch, after: int) -> int:
+        """A shared store's ``commit_after`` (``actors.store.base.SharedStore``); runs to its
+        end once called, as ``commit``."""
+        store: Any = self.store
+        result: int = await self._call(partial(store.commit_after, batch, after))
+        return result
+
+    async def call(self, function: Callable[[], T]) -> T:
+        """Any other blocking call on the store, in the writer's thread, in turn."""
+        return await self._call(function)
+
     async def aclose(self) -> None:
         """Close the store (releases its file lock); idempotent, runs to its end."""
         if self._closed:

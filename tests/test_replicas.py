@@ -1,0 +1,187 @@
+"""Replicas: several gateways share one registry on a real PostgreSQL (in one trio run here;
+tests/test_replicas_process.py runs them as processes)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import trio
+
+from actors import worker_spec
+from actors.core.errors import (
+    PreconditionFailed,
+    WorkerAlreadyExists,
+    WorkerNotFound,
+)
+from actors.core.model import WorkerStatus, WorkerPatch
+from actors.dataplane.client import request, stream
+from actors.registry.registry import StoreUnavailable
+from actors.registry.service import Gateway, open_gateway
+from scripts.postgres_server import PostgresServer
+from tests.conftest import FAST, StartWorkers
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+SPELLINGS = ("127.0.0.1:{port}", "http://127.0.0.1:{port}", "HTTP://127.0.0.1:{port}/")
+
+
+@asynccontextmanager
+async def replicas(url: str, count: int, **config: Any) -> AsyncIterator[list[Gateway]]:
+    async with AsyncExitStack() as stack:
+        gateways = [
+            await stack.enter_async_context(
+                open_gateway(replace(FAST, state=url, instance_id=f"replica-{n}", **config))
+            )
+            for n in range(count)
+        ]
+        yield gateways
+
+
+async def gather(*calls: Callable[[], Any]) -> list[Any]:
+    """Run the calls at once; each one's result or the error it raised."""
+    results: list[Any] = [None] * len(calls)
+
+    async def run(index: int, call: Callable[[], Any]) -> None:
+        try:
+            results[index] = await call()
+        except Exception as error:  # noqa: BLE001 - the error is the result under test
+            results[index] = error
+
+    async with trio.open_nursery() as nursery:
+        for index, call in enumerate(calls):
+            nursery.start_soon(run, index, call)
+    return results
+
+
+async def test_fifty_concurrent_posts_of_one_address_over_three_replicas_create_one_worker(
+    postgres_url: str,
+) -> None:
+    async with replicas(postgres_url, 3) as gateways:
+        with trio.fail_after(30):
+            calls = [
+                (lambda g=gateways[i % 3], i=i: g.add_worker(
+                    worker_spec(SPELLINGS[i % 3].format(port=9))
+                ))
+                for i in range(50)
+            ]
+            results = await gather(*calls)
+        created = [result for result in results if not isinstance(result, Exception)]
+        refused = [result for result in results if isinstance(result, Exception)]
+        assert len(created) == 1
+        assert all(isinstance(error, WorkerAlreadyExists) for error in refused)
+        assert {error.worker_id for error in refused} == {created[0].id}
+        for gateway in gateways:  # every replica knows it (an id never 404s elsewhere)
+            assert (await gateway.find_worker(created[0].id)).key == "127.0.0.1:9"
+
+
+async def test_a_worker_posted_on_one_replica_is_ready_and_routed_on_the_others(
+    postgres_url: str, start_workers: StartWorkers
+) -> None:
+    [fake] = await start_workers(1, model="m")
+    async with replicas(postgres_url, 3) as (a, b, c):
+        with trio.fail_after(20):
+            worker = await a.add_worker(worker_spec(f"127.0.0.1:{fake.port}"))
+            for other in (b, c):
+                assert (await other.wait_status(worker.id, "ready", 10)).id == worker.id
+                answer = await request(other, "/v1/chat/completions", CHAT)
+                assert (answer.status, answer.worker_id) == (200, worker.id)
+        assert fake.counts["POST /v1/chat/completions"] == 2
+
+
+async def test_delete_on_one_replica_and_post_again_on_another_never_reuses_an_id(
+    postgres_url: str,
+) -> None:
+    seen: set[str] = set()
+    async with replicas(postgres_url, 2) as (a, b):
+        with trio.fail_after(60):
+            worker = await a.add_worker(worker_spec("127.0.0.1:9"))
+            for _ in range(30):
+                seen.add(worker.id)
+                await a.remove_worker(worker.id)  # pending: gone at once, on every replica
+                worker = await b.add_worker(worker_spec("http://127.0.0.1:9"))
+                assert worker.id not in seen
+                assert (await a.find_worker(worker.id)).id == worker.id  # never a 404 on A
+    assert len(seen) == 30
+
+
+async def test_if_match_is_decided_on_the_newest_version_whichever_replica_wrote_it(
+    postgres_url: str,
+) -> None:
+    async with replicas(postgres_url, 2) as (a, b):
+        with trio.fail_after(20):
+            worker = await a.add_worker(worker_spec("127.0.0.1:9"))
+            await b.find_worker(worker.id)
+            patched = await a.update_worker(worker.id, WorkerPatch(priority=7), if_match=1)
+            assert patched.spec_version == 2
+            with pytest.raises(PreconditionFailed):
+                await b.update_worker(worker.id, WorkerPatch(priority=8), if_match=1)
+            again = await b.update_worker(worker.id, WorkerPatch(priority=9), if_match=2)
+            assert (again.spec_version, again.spec.priority) == (3, 9)
+            await a.sync()
+            assert a.get_worker(worker.id).spec.priority == 9
+
+
+async def test_a_stream_through_one_replica_outlives_a_delete_through_another(
+    postgres_url: str, start_workers: StartWorkers
+) -> None:
+    [fake] = await start_workers(1, model="m", token_delay=0.02)
+    async with replicas(postgres_url, 2) as (a, b):
+        with trio.fail_after(30):
+            worker = await a.add_worker(worker_spec(f"127.0.0.1:{fake.port}"))
+            await b.wait_status(worker.id, "ready", 10)
+            chunks: list[Any] = []
+            chunks_at_removal: list[int] = []
+
+            async def watch_removal() -> None:
+                await a.wait_removed(worker.id, 30)
+                chunks_at_removal.append(len(chunks))
+
+            body = {**CHAT, "stream": True, "max_tokens": 40}
+            async with trio.open_nursery() as nursery:
+                async with stream(b, "/v1/chat/completions", body) as events:
+                    assert events.worker_id == worker.id
+                    chunks.append(await events.__anext__())
+                    deleted = await a.remove_worker(worker.id)
+                    assert deleted.status is WorkerStatus.DRAINING
+                    nursery.start_soon(watch_removal)
+                    await b.wait_status(worker.id, "draining", 10)
+                    assert "m" not in a.snapshot.by_model  # nothing new is routed to it
+                    assert "m" not in b.snapshot.by_model
+                    async for chunk in events:
+                        chunks.append(chunk)
+                        if len(chunks) == 10:  # A had its idle record in by now, B not
+                            assert a.snapshot.get(worker.id) is not None
+            await b.wait_removed(worker.id, 10)
+    assert len(chunks) > 10
+    assert chunks_at_removal == [len(chunks)]  # removed only after the stream's last chunk
+
+
+async def test_postgres_down_refuses_writes_but_reads_and_routing_go_on(
+    start_workers: StartWorkers,
+) -> None:
+    [fake] = await start_workers(1, model="m")
+    with PostgresServer() as server:
+        url = server.create_database()
+        async with replicas(url, 2) as (a, b):
+            with trio.fail_after(60):
+                worker = await a.add_worker(worker_spec(f"127.0.0.1:{fake.port}"))
+                await b.wait_status(worker.id, "ready", 10)
+                await trio.to_thread.run_sync(server.stop)
+                with pytest.raises(StoreUnavailable):
+                    await a.add_worker(worker_spec("127.0.0.1:10"))
+                with pytest.raises(StoreUnavailable):
+                    await b.remove_worker(worker.id)
+                assert b.get_worker(worker.id).status is WorkerStatus.READY
+                for gateway in (a, b):
+                    answer = await request(gateway, "/v1/chat/completions", CHAT)
+                    assert (answer.status, answer.worker_id) == (200, worker.id)
+                await trio.to_thread.run_sync(server.start)
+                second = await b.add_worker(worker_spec("127.0.0.1:9"))  # reconnects
+                assert (await a.find_worker(second.id)).id == second.id
+                await a.remove_worker(worker.id)
+                await b.wait_removed(worker.id, 10)
+                with pytest.raises(WorkerNotFound):
+                    await b.find_worker(worker.id)
