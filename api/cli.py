@@ -12,7 +12,7 @@ import signal
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from functools import partial
 from typing import Any, get_origin, get_type_hints
 
@@ -128,7 +128,8 @@ def config_options() -> list[ConfigOption]:
     for field in fields(GatewayConfig):
         if (spec := field.metadata.get(FLAG)) is None:
             continue
-        keywords: dict[str, Any] = {"help": spec["help"], "default": field.default}
+        default = None if field.default is MISSING else field.default  # None: made per run
+        keywords: dict[str, Any] = {"help": spec["help"], "default": default}
         if types[field.name] in (int, float):
             keywords["type"] = types[field.name]
         if get_origin(types[field.name]) is tuple:  # repeatable: given once per item
@@ -241,7 +242,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _config_fields(args: argparse.Namespace) -> dict[str, Any]:
-    return {option.field: option.value(args) for option in config_options()}
+    values = {option.field: option.value(args) for option in config_options()}
+    return {name: value for name, value in values.items() if value is not None}  # None: made
 
 
 class _JsonFormatter(logging.Formatter):

@@ -73,7 +73,7 @@ async def wait_for_status(
     timeout: float,  # noqa: ASYNC109 - the route's parameter, bounded above
 ) -> tuple[Worker, bool]:
     """``(worker, timed_out)``; raises WorkerNotFound if the worker is or gets removed."""
-    worker = gateway.get_worker(worker_id)
+    worker = await gateway.find_worker(worker_id)
     with trio.move_on_after(timeout):
         while worker.status is not status:
             await gateway._wait_worker_changed(worker_id)

@@ -67,6 +67,7 @@ def workers_blueprint(gateway: Gateway, *, admin_api_key: str | None) -> Bluepri
     async def get_one(worker_id: str) -> tuple[Response, int, dict[str, str]]:
         worker_id = _worker_id(worker_id)
         wait = parse_wait(request.args)  # ?wait_for=&timeout_secs=: the long-poll
+        await gateway.find_worker(worker_id)  # replicas: an id another one just returned
         headers: dict[str, str] = {}
         if wait is not None:
             _, timed_out = await wait_for_status(gateway, worker_id, wait.status, wait.timeout)

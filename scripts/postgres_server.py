@@ -77,7 +77,13 @@ class PostgresServer:
         self._databases = itertools.count(1)
         self.running = False
         self._run(
-            "initdb", "-D", str(self.data), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
             "--no-sync",
         )
 
@@ -95,8 +101,17 @@ class PostgresServer:
         )
         try:
             self._run(
-                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w",
-                "-t", "60", "start",
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                options,
+                "-w",
+                "-t",
+                "60",
+                "start",
             )
         except PostgresUnavailable as error:
             raise PostgresUnavailable(f"{error}\n{self.log.read_text(errors='replace')}") from None

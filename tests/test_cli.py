@@ -6,7 +6,7 @@ import json
 import signal
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 import httpx
@@ -185,6 +185,9 @@ def test_every_config_option_takes_its_type_default_and_help_from_gateway_config
             action = actions[options[field.name].dest]
             assert action.help == field.metadata[FLAG]["help"]
             default = action.default
+            if field.default is MISSING:  # made per run (the instance id): no fixed default
+                assert default is None, field.name
+                continue
             assert (tuple(default) if isinstance(default, list) else default) == getattr(
                 defaults, field.name
             ), field.name
@@ -207,3 +210,11 @@ def test_the_server_options_take_their_defaults_from_the_server() -> None:
         limits.write_timeout,
     )
     assert args.server == "http1" and args.server in SERVERS
+
+
+def test_the_instance_id_is_an_option_and_random_per_start_without_it() -> None:
+    named = parse_args(["serve", "--instance-id", "replica-a"])
+    assert _config_fields(named)["instance_id"] == "replica-a"
+    unnamed = _config_fields(parse_args(["serve"]))
+    assert "instance_id" not in unnamed  # GatewayConfig makes one per start
+    assert GatewayConfig(**unnamed).instance_id != GatewayConfig(**unnamed).instance_id

@@ -17,10 +17,12 @@ from actors.core.errors import (
     WorkerAlreadyExists,
     WorkerNotFound,
 )
-from actors.core.model import WorkerStatus, WorkerPatch
+from actors.core.model import Detection, WorkerPatch, WorkerSpec, WorkerStatus
+from actors.core.urls import WorkerUrl
 from actors.dataplane.client import request, stream
 from actors.registry.registry import StoreUnavailable
 from actors.registry.service import Gateway, open_gateway
+from scripts.fake_detector import InstantDetector
 from scripts.postgres_server import PostgresServer
 from tests.conftest import FAST, StartWorkers
 
@@ -47,7 +49,7 @@ async def gather(*calls: Callable[[], Any]) -> list[Any]:
     async def run(index: int, call: Callable[[], Any]) -> None:
         try:
             results[index] = await call()
-        except Exception as error:  # noqa: BLE001 - the error is the result under test
+        except Exception as error:  # the error is the result under test
             results[index] = error
 
     async with trio.open_nursery() as nursery:
@@ -62,16 +64,18 @@ async def test_fifty_concurrent_posts_of_one_address_over_three_replicas_create_
     async with replicas(postgres_url, 3) as gateways:
         with trio.fail_after(30):
             calls = [
-                (lambda g=gateways[i % 3], i=i: g.add_worker(
-                    worker_spec(SPELLINGS[i % 3].format(port=9))
-                ))
+                (
+                    lambda g=gateways[i % 3], i=i: g.add_worker(
+                        worker_spec(SPELLINGS[i % 3].format(port=9))
+                    )
+                )
                 for i in range(50)
             ]
             results = await gather(*calls)
         created = [result for result in results if not isinstance(result, Exception)]
-        refused = [result for result in results if isinstance(result, Exception)]
+        refused = [result for result in results if isinstance(result, WorkerAlreadyExists)]
         assert len(created) == 1
-        assert all(isinstance(error, WorkerAlreadyExists) for error in refused)
+        assert len(refused) == 49  # every other answer: 409 naming the same id
         assert {error.worker_id for error in refused} == {created[0].id}
         for gateway in gateways:  # every replica knows it (an id never 404s elsewhere)
             assert (await gateway.find_worker(created[0].id)).key == "127.0.0.1:9"
@@ -140,20 +144,22 @@ async def test_a_stream_through_one_replica_outlives_a_delete_through_another(
                 chunks_at_removal.append(len(chunks))
 
             body = {**CHAT, "stream": True, "max_tokens": 40}
-            async with trio.open_nursery() as nursery:
-                async with stream(b, "/v1/chat/completions", body) as events:
-                    assert events.worker_id == worker.id
-                    chunks.append(await events.__anext__())
-                    deleted = await a.remove_worker(worker.id)
-                    assert deleted.status is WorkerStatus.DRAINING
-                    nursery.start_soon(watch_removal)
-                    await b.wait_status(worker.id, "draining", 10)
-                    assert "m" not in a.snapshot.by_model  # nothing new is routed to it
-                    assert "m" not in b.snapshot.by_model
-                    async for chunk in events:
-                        chunks.append(chunk)
-                        if len(chunks) == 10:  # A had its idle record in by now, B not
-                            assert a.snapshot.get(worker.id) is not None
+            async with (
+                trio.open_nursery() as nursery,
+                stream(b, "/v1/chat/completions", body) as events,
+            ):
+                assert events.worker_id == worker.id
+                chunks.append(await events.__anext__())
+                deleted = await a.remove_worker(worker.id)
+                assert deleted.status is WorkerStatus.DRAINING
+                nursery.start_soon(watch_removal)
+                await b.wait_status(worker.id, "draining", 10)
+                assert "m" not in a.snapshot.by_model  # nothing new is routed to it
+                assert "m" not in b.snapshot.by_model
+                async for chunk in events:
+                    chunks.append(chunk)
+                    if len(chunks) == 10:  # A had its idle record in by now, B not
+                        assert a.snapshot.get(worker.id) is not None
             await b.wait_removed(worker.id, 10)
     assert len(chunks) > 10
     assert chunks_at_removal == [len(chunks)]  # removed only after the stream's last chunk
@@ -185,3 +191,69 @@ async def test_postgres_down_refuses_writes_but_reads_and_routing_go_on(
                 await b.wait_removed(worker.id, 10)
                 with pytest.raises(WorkerNotFound):
                     await b.find_worker(worker.id)
+
+
+class StuckDetector(InstantDetector):
+    """Detection that never ends (until cancelled): the replica running it 'hangs'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = trio.Event()
+
+    async def detect(self, spec: WorkerSpec) -> Detection:
+        self.started.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_registration_whose_replica_stops_is_finished_by_another_within_the_lease(
+    postgres_url: str,
+) -> None:
+    config = replace(FAST, state=postgres_url, replica_lease_secs=0.5)
+    stuck = StuckDetector()
+    with trio.fail_after(30):
+        async with open_gateway(replace(config, instance_id="b"), detector=InstantDetector()) as b:
+            async with open_gateway(replace(config, instance_id="a"), detector=stuck) as a:
+                worker = await a.add_worker(worker_spec("127.0.0.1:9"))
+                await stuck.started.wait()
+                assert (await b.find_worker(worker.id)).status is WorkerStatus.PENDING
+            # a is gone (its heartbeat stopped; its job left running in the database)
+            stopped = trio.current_time()
+            ready = await b.wait_status(worker.id, "ready", 20)
+            assert trio.current_time() - stopped < 0.5 + 2.0  # the lease, then a round
+            assert ready.job is not None and ready.job.job_id != worker.job.job_id  # type: ignore[union-attr]
+            assert [w.id for w in b.list_workers()] == [worker.id]
+
+
+async def test_only_the_holder_of_the_health_lease_probes_and_the_others_follow(
+    postgres_url: str,
+) -> None:
+    probes: dict[str, int] = {"a": 0, "b": 0}
+
+    class Counting(InstantDetector):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+            self.healthy = True
+
+        async def check_health(self, spec: WorkerSpec, url: WorkerUrl) -> str | None:
+            await trio.lowlevel.checkpoint()
+            probes[self.name] += 1
+            return None if self.healthy else "down"
+
+    config = replace(FAST, state=postgres_url, replica_lease_secs=0.5)
+    health = {"check_interval_secs": 0.1, "failure_threshold": 1}
+    detectors = {name: Counting(name) for name in probes}
+    with trio.fail_after(30):
+        async with (
+            open_gateway(replace(config, instance_id="a"), detector=detectors["a"]) as a,
+            open_gateway(replace(config, instance_id="b"), detector=detectors["b"]) as b,
+        ):
+            worker = await a.add_worker(worker_spec("127.0.0.1:9", health=health))
+            await b.wait_status(worker.id, "ready", 10)
+            for detector in detectors.values():
+                detector.healthy = False
+            while b.get_worker(worker.id).is_healthy or a.get_worker(worker.id).is_healthy:
+                await b.wait_changed()
+    assert sorted(probes.values())[0] == 0  # one replica probed, the other never did
+    assert sorted(probes.values())[1] >= 1

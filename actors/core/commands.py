@@ -96,6 +96,14 @@ class SetHealth(Ask[Worker]):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TakeOverJob(Ask[Worker]):
+    """Run again, under a new job id, a job whose replica stopped (a shared store)."""
+
+    worker_id: WorkerId
+    job_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Sync(Ask[None]):
     """Changes nothing: answered once the registry has taken in every change other replicas
     committed before it was handled (with a shared store; at once otherwise)."""
@@ -113,6 +121,7 @@ Command: TypeAlias = (
     | RetryWorker
     | RecheckWorker
     | SetHealth
+    | TakeOverJob
 )
 
 

@@ -89,14 +89,29 @@ class GatewayConfig:
     state: str = field(
         default=":memory:",
         metadata=flag(
-            "where the registry is kept: :memory: (nothing survives the process) or a SQLite "
-            "file's path (created if missing, in an existing directory)",
-            metavar="PATH",
+            "where the registry is kept: :memory: (nothing survives the process), a SQLite "
+            "file's path (created if missing, in an existing directory), or a PostgreSQL URL "
+            "(postgresql://user@host/db) that every replica of the gateway shares",
+            metavar="PATH|URL",
+        ),
+    )
+    replica_lease_secs: float = field(
+        default=5.0,
+        metadata=flag(
+            "with PostgreSQL: a replica silent this long is gone (its jobs are taken over, "
+            "it holds no drain); replicas heartbeat 5 times per lease"
         ),
     )
     # names this gateway in loop detection (the x-tmg-gateway answer header and the x-tmg-via
-    # hop header); random per gateway
-    instance_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    # hop header) and as a replica; random per gateway
+    instance_id: str = field(
+        default_factory=lambda: secrets.token_hex(8),
+        metadata=flag(
+            "this gateway's name: in the x-tmg-gateway and x-tmg-via headers and, with "
+            "PostgreSQL, as a replica (distinct per replica; default: random per start)",
+            metavar="NAME",
+        ),
+    )
 
     def __post_init__(self) -> None:
         check.check_attributes(self, "", CONFIG_FIELDS)
@@ -174,6 +189,7 @@ CONFIG_FIELDS: dict[str, check.Checker] = {
     "upstream_read_timeout_secs": check.seconds(check.MIN_TIMEOUT_SECS),
     "allowed_networks": check.string_list,
     "state": _state,
+    "replica_lease_secs": check.seconds(check.MIN_TIMEOUT_SECS),
     "instance_id": _instance_id,
 }
 

@@ -96,6 +96,8 @@ class WorkerTable:
                 return self.recheck(wid, job_id, now=now)
             case cmd.SetHealth(worker_id=wid, healthy=healthy):
                 return self.set_health(wid, healthy, now=now)
+            case cmd.TakeOverJob(worker_id=wid, job_id=job_id):
+                return self.take_over(wid, job_id, now=now)
 
     @property
     def next_job_id(self) -> int:
@@ -351,6 +353,24 @@ class WorkerTable:
         job = self._jobs.start(worker_id, JobType.RECHECK, worker.spec, now)
         job = replace(job, message=worker.job.message)
         return self._put(replace(worker, job=job, updated_at=now))
+
+    def take_over(self, worker_id: WorkerId, job_id: int, *, now: float) -> Worker:
+        """Run a job again from its first attempt under a new job id (its replica stopped:
+        a late result of the first run is stale). Refused (StaleJob) if it is over."""
+        worker = self._require(worker_id)
+        job = require_job(worker, job_id)
+        self._jobs.require_slot()
+        spec = worker.spec
+        if job.job_type is JobType.REPLACE:
+            swap = self._jobs.replacing.get(worker_id)
+            if swap is None:
+                raise errors.StaleJob(worker_id, "the replacement's spec is not known")
+            spec = swap.spec
+        new = self._jobs.start(worker_id, job.job_type, spec, now)
+        if job.job_type is JobType.REPLACE:
+            self._jobs.replacing[worker_id] = Replacement(new.job_id, spec)
+        new = replace(new, message="taken over from a replica that stopped")
+        return self._put(replace(worker, job=new, updated_at=now))
 
     def set_health(self, worker_id: WorkerId, healthy: bool, *, now: float) -> Worker:
         worker = self._require(worker_id)

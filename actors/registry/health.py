@@ -13,6 +13,10 @@ health and are probed at once, not after an interval, and that first probe decid
 threshold of one): a worker that went away while the gateway was down leaves routing within
 one probe timeout. A flip the registry could not store (``StoreUnavailable``) is not taken:
 the streak starts again and the next probes ask again.
+
+With replicas (a shared store), only the holder of the ``health`` lease probes (``leading``);
+the others follow the results through the change feed, and take over within a lease when the
+holder stops.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ async def run_health_checker(
     changed: Callable[[], Awaitable[None]],
     *,
     probe_now: Collection[WorkerId] = (),
+    leading: Callable[[], bool] = lambda: True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     probing: dict[WorkerId, _Probing] = {}
@@ -74,7 +79,7 @@ async def run_health_checker(
                     first = worker_id in at_once
                     at_once.discard(worker_id)
                     nursery.start_soon(
-                        _probe_forever, registry, prober, current, worker, scope, first
+                        _probe_forever, registry, prober, current, leading, worker, scope, first
                     )
             await changed()
             await trio.sleep(COALESCE_SECS)  # under churn, one pass covers many changes
@@ -84,6 +89,7 @@ async def _probe_forever(
     registry: Outbox,
     prober: Probe,
     current: Callable[[], RegistrySnapshot],
+    leading: Callable[[], bool],
     worker: Worker,
     scope: trio.CancelScope,
     at_once: bool = False,
@@ -98,6 +104,11 @@ async def _probe_forever(
             latest = current().get(worker.id)
             if latest is None:
                 return
+            if latest.is_healthy != healthy:  # another replica's probes flipped it
+                healthy, streak = latest.is_healthy, 0
+            if not leading():  # another replica holds the health lease: it probes
+                at_once = False
+                continue
             reason: str | None = f"no answer within {health.timeout_secs:g} s"
             with trio.move_on_after(health.timeout_secs):
                 reason = await prober.check_health(latest.spec, latest.url)

@@ -30,10 +30,11 @@ It never awaits anyone but its inbox and its store, so asks cannot deadlock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import outcome
@@ -50,6 +51,7 @@ from actors.core.commands import (
     RetryWorker,
     StartJob,
     Sync,
+    TakeOverJob,
 )
 from actors.core.errors import GatewayError
 from actors.core.jobs import UuidSource
@@ -70,7 +72,7 @@ from actors.store.base import (
 from actors.store.writer import StoreWriter
 
 log = logging.getLogger("tmg.registry")
-_STARTS_JOBS = (CreateWorker, ReplaceSpec, RetryWorker, RecheckWorker)
+_STARTS_JOBS = (CreateWorker, ReplaceSpec, RetryWorker, RecheckWorker, TakeOverJob)
 MAX_BATCH = 64  # commands applied between two publishes when asks queue up
 RESERVATION_BLOCK = 1000  # ids and job ids reserved ahead in the store (actors/store/base.py)
 MAX_CATCH_UPS = 16  # a batch decided again this often (other replicas kept committing): 503
@@ -160,7 +162,13 @@ class Journal:
             next_job_id=self._job_mark.advance(table.next_job_id),
         )
 
-    async def commit(self, changes: Changes, *, fresh: bool = False) -> None:
+    async def commit(
+        self,
+        changes: Changes,
+        *,
+        fresh: bool = False,
+        started_jobs: Mapping[WorkerId, int] | None = None,
+    ) -> None:
         """Write ``changes`` as one transaction (nothing, without a checkpoint, when there is
         nothing to write, unless the store is shared and ``fresh`` is False: see above). On
         any error the reservations are as before (the marks the batch would have stored are
@@ -171,6 +179,9 @@ class Journal:
             if self.shared:
                 if batch.empty and fresh:
                     return
+                started = {w: j for w, j in (started_jobs or {}).items() if w in batch.upserts}
+                if started:
+                    batch = dataclasses.replace(batch, started_jobs=started)
                 self.applied = await self.writer.commit_after(batch, self.applied)
             elif batch.empty:
                 return
@@ -286,7 +297,8 @@ async def run_registry(
             if journal is None:
                 break
             try:
-                await journal.commit(changes, fresh=fresh)
+                started = {e.worker_id: e.job_id for e in effects if isinstance(e, StartJob)}
+                await journal.commit(changes, fresh=fresh, started_jobs=started)
                 break
             except Behind as behind:  # decided on a stale table: take the news in, again
                 table.undo(changes)

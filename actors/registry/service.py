@@ -42,10 +42,18 @@ from actors.core.commands import (
     ReplaceSpec,
     RetryWorker,
     Sync,
+    TakeOverJob,
     UpdateSpec,
 )
 from actors.core.config import GatewayConfig
-from actors.core.errors import GatewayStopped, RegistryTimeout, WorkerFailed, WorkerNotFound
+from actors.core.errors import (
+    GatewayStopped,
+    RegistryBusy,
+    RegistryError,
+    RegistryTimeout,
+    WorkerFailed,
+    WorkerNotFound,
+)
 from actors.core.jobs import UuidSource
 from actors.core.model import Worker, WorkerId, WorkerPatch, WorkerSpec, WorkerStatus, WorkerType
 from actors.core.snapshot import RegistrySnapshot
@@ -65,7 +73,12 @@ from actors.registry.health import run_health_checker
 from actors.registry.mailbox import Envelope, Outbox, deliver, post
 from actors.registry.registrar import run_registrar
 from actors.registry.registry import Job, Journal, StoreUnavailable, run_registry
-from actors.registry.replicas import run_change_follower, run_heartbeat
+from actors.registry.replicas import (
+    Duties,
+    TakeOverLater,
+    run_change_follower,
+    run_replica_duties,
+)
 from actors.store import MemoryStore, Store, open_store
 from actors.store.base import Change, StoredState, StoreError, is_shared
 from actors.store.writer import StoreWriter, open_store_writer
@@ -73,7 +86,6 @@ from actors.store.writer import StoreWriter, open_store_writer
 T = TypeVar("T")
 StoreOption = Store | Callable[[], Store] | None
 log = logging.getLogger("tmg.gateway")
-REPLICA_HEARTBEAT_SECS = 1.0  # with a shared store; the store's lease is 5 s
 Forward = Callable[[ProxyRequest, Responder], Awaitable[Refusal | None]]
 
 
@@ -336,7 +348,12 @@ async def open_gateway(
 
 def _store_opener(config: GatewayConfig, store: StoreOption) -> Callable[[], Store]:
     if store is None:
-        return partial(open_store, config.state, replica=config.instance_id)
+        return partial(
+            open_store,
+            config.state,
+            replica=config.instance_id,
+            replica_lease_secs=config.replica_lease_secs,
+        )
     if callable(getattr(store, "commit", None)):  # a Store itself
         given: Store = store  # type: ignore[assignment]
         return lambda: given
@@ -387,7 +404,7 @@ async def _open_gateway(
         log.info("registry in memory only: workers are forgotten when the gateway stops")
     shared = is_shared(writer.store)
     if shared:
-        await writer.call(writer.store.heartbeat)  # type: ignore[attr-defined]
+        await writer.call(writer.store.join)  # type: ignore[attr-defined]
     stored = await writer.load()
     ids = UuidSource(stored.id_prefix, stored.id_high_water)
     table, journal = _recover(config, writer, stored, ids, clock)
@@ -426,6 +443,7 @@ async def _open_gateway(
         inflight = InFlight()
         gateway = Gateway(config, inbox_send, inflight, pool)
         gateway.shared = shared
+        duties = Duties()
 
         async def finish_drain(worker_id: WorkerId) -> Worker:
             refusals = 0
@@ -467,8 +485,25 @@ async def _open_gateway(
                     post(inbox_send, Sync())
 
             await nursery.start(partial(run_change_follower, writer.store, sync))
+
+            async def take_over(worker_id: WorkerId, job_id: int) -> bool:
+                try:
+                    await gateway._ask(TakeOverJob(worker_id=worker_id, job_id=job_id))
+                except (RegistryBusy, StoreUnavailable, RegistryTimeout, GatewayStopped):
+                    raise TakeOverLater() from None
+                except RegistryError:  # over, or the worker is gone
+                    return False
+                return True
+
             await nursery.start(
-                partial(run_heartbeat, writer, writer.store, interval_secs=REPLICA_HEARTBEAT_SECS)
+                partial(
+                    run_replica_duties,
+                    writer,
+                    writer.store,
+                    duties,
+                    take_over,
+                    interval_secs=config.replica_lease_secs / 5,
+                )
             )
         probe = detector or Detector(client, instance_id=config.instance_id)
         record = gateway.metrics.registration_jobs_outcome
@@ -491,6 +526,7 @@ async def _open_gateway(
                 lambda: gateway.snapshot,
                 gateway.wait_changed,
                 probe_now=ready,
+                leading=(lambda: duties.health) if shared else (lambda: True),
             )
         )
         try:

@@ -26,7 +26,7 @@ from actors.store.sqlite import SqliteStore
 MEMORY = ":memory:"
 
 
-def open_store(state: str, *, replica: str = "gateway") -> Store:
+def open_store(state: str, *, replica: str = "gateway", replica_lease_secs: float = 5.0) -> Store:
     """The store a ``--state`` value names: ``:memory:``, a PostgreSQL URL (shared by every
     replica; ``replica`` names this one) or a SQLite file's path (blocking: call it in the
     writer thread, ``open_store_writer(partial(open_store, state))``)."""
@@ -35,7 +35,7 @@ def open_store(state: str, *, replica: str = "gateway") -> Store:
     if is_postgres_url(state):
         from actors.store.postgres import PostgresStore  # psycopg only when used
 
-        return PostgresStore(state, replica=replica)
+        return PostgresStore(state, replica=replica, replica_lease_secs=replica_lease_secs)
     return SqliteStore(state)
 
 

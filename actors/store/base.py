@@ -81,12 +81,14 @@ class Batch:
 
     ``upserts``: worker id -> the worker's whole plain data after the batch (a changed worker
     is one row, written whole). ``deletes``: ids of workers that are gone (deleting an id the
-    store does not hold is harmless). An id is in at most one of the two. ``id_prefix``,
-    ``id_high_water``, ``next_job_id``: the new values to keep, or None when unchanged (see
-    ``Reservation``); a store writes a counter only when it differs from what it holds.
-    ``versions_before``: for an upserted worker, the ``spec_version`` the writer's table held
-    before the batch (None: the worker is new), for a shared store's compare-and-set; a store
-    of one writer may ignore it."""
+    store does not hold is harmless for a single writer's store; a shared store refuses it).
+    An id is in at most one of the two. ``id_prefix``, ``id_high_water``, ``next_job_id``: the
+    new values to keep, or None when unchanged (see ``Reservation``); a store writes a counter
+    only when it differs from what it holds. ``versions_before``: for an upserted worker, the
+    ``spec_version`` the writer's table held before the batch (None: the worker is new), for a
+    shared store's compare-and-set; a store of one writer may ignore it. ``started_jobs``:
+    worker id -> the job this batch started, which the writer runs (a shared store records who
+    runs each job, for ``claim_jobs``)."""
 
     upserts: Mapping[WorkerId, PlainWorker] = field(default_factory=dict)
     deletes: Collection[WorkerId] = ()
@@ -94,6 +96,7 @@ class Batch:
     id_high_water: int | None = None
     next_job_id: int | None = None
     versions_before: Mapping[WorkerId, int | None] = field(default_factory=dict)
+    started_jobs: Mapping[WorkerId, int] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -167,8 +170,13 @@ class SharedStore(Store, Protocol):
     until another replica may have committed (a notification) or ``timeout`` passes; it uses
     its own connection, so it runs in its own thread while the writer's calls go on.
     ``heartbeat()`` records this replica as alive and returns the live replicas' ids;
+    ``join()`` is the first heartbeat, at start-up, and leaves any job recorded under this
+    replica's name (from before a restart) for anyone to claim.
     ``record_idle(worker_id)`` records that this replica has nothing in flight to a draining
-    worker and returns whether every live replica has."""
+    worker and returns whether every live replica has. ``claim_jobs(limit)``: the active jobs
+    whose replica is no longer live, each made this replica's, as ``(worker_id, job_id)``;
+    ``release_job`` forgets one that turned out to be over. ``hold_lease(name)``: take or keep
+    a named lease for ``replica_lease_secs``; True while this replica holds it."""
 
     replica: str
 
@@ -181,6 +189,14 @@ class SharedStore(Store, Protocol):
     def heartbeat(self) -> list[str]: ...
 
     def record_idle(self, worker_id: WorkerId) -> bool: ...
+
+    def join(self) -> None: ...
+
+    def claim_jobs(self, limit: int) -> list[tuple[WorkerId, int]]: ...
+
+    def release_job(self, worker_id: WorkerId, job_id: int) -> None: ...
+
+    def hold_lease(self, name: str) -> bool: ...
 
 
 def is_postgres_url(text: str) -> bool:
@@ -239,6 +255,9 @@ def validate_batch(batch: Batch) -> None:
             raise ValueError(f"versions_before names {worker_id!r}, which is not upserted")
         if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
             raise ValueError(f"versions_before[{worker_id!r}] is not an int or None")
+    for worker_id, job_id in batch.started_jobs.items():
+        if worker_id not in batch.upserts or not isinstance(job_id, int):
+            raise ValueError(f"started_jobs[{worker_id!r}] must be an upserted worker's job id")
     for worker_id in batch.deletes:
         if not isinstance(worker_id, str):
             raise ValueError(f"delete {worker_id!r}: expected a str id")

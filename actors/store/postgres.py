@@ -13,6 +13,8 @@ second connection (``wait_for_changes``).
     tmg_changes(seq PRIMARY KEY, replica, committed_at, payload)   -- the change log
     tmg_replicas(replica PRIMARY KEY, started_at, seen_at)         -- heartbeats
     tmg_drain_idle(worker_id, replica)    -- replicas with nothing in flight to a draining worker
+    tmg_jobs(worker_id PRIMARY KEY, job_id, replica)   -- who runs each active job
+    tmg_leases(name PRIMARY KEY, replica, until)        -- e.g. "health": who probes workers
 
 Worker data (and so the change log) holds worker ``api_key``s: protect the database.
 
@@ -37,6 +39,14 @@ half-written batch.
 then read what they have not seen. The log keeps the last ``KEEP_CHANGES`` changes; a replica
 further behind gets the whole registry as one ``Change(full=True)``.
 
+**Work done once.** A batch that starts jobs records them in ``tmg_jobs`` under this replica
+(``Batch.started_jobs``), in the same transaction; a job that ends (its worker's job is no
+longer active) or whose worker is deleted loses its row. The lease of a job is its replica's
+heartbeat: ``claim_jobs`` takes the rows whose replica is no longer live (``FOR UPDATE SKIP
+LOCKED``, so two replicas never claim one row), and the registry runs each again under a new
+job id, so a late result from the first run is stale. Health probes are done by the holder of
+the ``health`` lease (``hold_lease``), renewed at every heartbeat.
+
 **Failures.** A lost connection is reopened at the next call; while PostgreSQL cannot be
 reached, every call raises ``StoreError`` (the registry answers writes 503 and keeps serving
 what it has). Every statement has a timeout (``statement_timeout_secs``). Error messages name
@@ -49,7 +59,7 @@ import json
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -69,6 +79,7 @@ T = TypeVar("T")
 SCHEMA_VERSION = 1
 KEEP_CHANGES = 10_000  # changes kept in the log; a replica further behind reloads everything
 CHANNEL = "tmg_changes"
+LISTENER_CLOSE_WAIT_SECS = 5.0  # close() waits this long for a wait_for_changes to end
 _SCHEMA_LOCK = 0x544D4753  # advisory lock key while creating or migrating the schema
 
 SCHEMA = (
@@ -103,6 +114,16 @@ SCHEMA = (
         replica text NOT NULL,
         PRIMARY KEY (worker_id, replica)
     )""",
+    """CREATE TABLE tmg_jobs (
+        worker_id text PRIMARY KEY,
+        job_id bigint NOT NULL,
+        replica text NOT NULL
+    )""",
+    """CREATE TABLE tmg_leases (
+        name text PRIMARY KEY,
+        replica text NOT NULL,
+        until timestamptz NOT NULL
+    )""",
     "INSERT INTO tmg_meta VALUES (1, 1, 0, NULL, 0, 1)",
 )
 
@@ -110,13 +131,18 @@ SCHEMA = (
 def redact(url: str) -> str:
     """The URL without its password (for messages and logs)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    query = [
+        (name, "***" if name == "password" else value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    parts = parts._replace(query=urlencode(query, safe="*"))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port else ""
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}{port}")
+    return urlunsplit(parts)
 
 
 class PostgresStore:
@@ -175,9 +201,14 @@ class PostgresStore:
         return self._call(read)
 
     def commit(self, batch: Batch) -> None:
-        """As one writer among none (the single-gateway interface): commit after whatever
-        the log holds."""
-        self.commit_after(batch, self._call(lambda conn: self._meta(conn)["change_seq"]))
+        """The single-writer interface: commit after whatever the log holds (a batch written
+        without looking at other replicas' changes; the registry uses ``commit_after``)."""
+        while True:
+            try:
+                self.commit_after(batch, self._call(lambda conn: self._meta(conn)["change_seq"]))
+                return
+            except Behind:
+                continue
 
     def commit_after(self, batch: Batch, after: int) -> int:
         validate_batch(batch)
@@ -204,10 +235,15 @@ class PostgresStore:
 
     def close(self) -> None:
         self._closed = True
-        for conn in (self._conn, self._listener):
-            if conn is not None:
-                conn.close()
-        self._conn = None
+        self._drop_connection()
+        # the listener's thread holds the lock for at most its wait's timeout
+        if self._listener_lock.acquire(timeout=LISTENER_CLOSE_WAIT_SECS):
+            try:
+                if self._listener is not None:
+                    self._listener.close()
+                self._listener = None
+            finally:
+                self._listener_lock.release()
 
     # ---- replicas ----------------------------------------------------------------------
 
@@ -256,12 +292,66 @@ class PostgresStore:
 
         return self._call(record)
 
+    def join(self) -> None:
+        """Start as a replica: a heartbeat, and any job still recorded under this replica's
+        name (from before a restart: nothing runs here yet) is left for anyone to claim."""
+        self.heartbeat()
+        self._call(
+            lambda conn: conn.execute(
+                "UPDATE tmg_jobs SET replica = '' WHERE replica = %s", (self.replica,)
+            )
+        )
+
+    def claim_jobs(self, limit: int) -> list[tuple[str, int]]:
+        def claim(conn: psycopg.Connection[Any]) -> list[tuple[str, int]]:
+            with conn.transaction():
+                rows = conn.execute(
+                    "SELECT j.worker_id, j.job_id FROM tmg_jobs j "
+                    "WHERE j.replica <> %s AND NOT EXISTS (SELECT 1 FROM tmg_replicas r "
+                    "WHERE r.replica = j.replica "
+                    "AND r.seen_at > now() - make_interval(secs => %s)) "
+                    "ORDER BY j.worker_id LIMIT %s FOR UPDATE OF j SKIP LOCKED",
+                    (self.replica, self.replica_lease_secs, limit),
+                ).fetchall()
+                if rows:
+                    conn.execute(
+                        "UPDATE tmg_jobs SET replica = %s WHERE worker_id = ANY(%s)",
+                        (self.replica, [worker_id for worker_id, _ in rows]),
+                    )
+            return [(worker_id, int(job_id)) for worker_id, job_id in rows]
+
+        return self._call(claim)
+
+    def release_job(self, worker_id: str, job_id: int) -> None:
+        self._call(
+            lambda conn: conn.execute(
+                "DELETE FROM tmg_jobs WHERE worker_id = %s AND job_id = %s", (worker_id, job_id)
+            )
+        )
+
+    def hold_lease(self, name: str) -> bool:
+        def hold(conn: psycopg.Connection[Any]) -> bool:
+            row = conn.execute(
+                "INSERT INTO tmg_leases (name, replica, until) "
+                "VALUES (%s, %s, now() + make_interval(secs => %s)) "
+                "ON CONFLICT (name) DO UPDATE SET replica = excluded.replica, "
+                "until = excluded.until "
+                "WHERE tmg_leases.replica = excluded.replica OR tmg_leases.until < now() "
+                "RETURNING replica",
+                (name, self.replica, self.replica_lease_secs),
+            ).fetchone()
+            return row is not None
+
+        return self._call(hold)
+
     # ---- the feed ----------------------------------------------------------------------
 
     def wait_for_changes(self, timeout: float) -> bool:
         """Block until a notification arrives (True) or ``timeout`` passes (False). Its own
         connection, (re)opened as needed; raises ``StoreError`` when it cannot be reached."""
         with self._listener_lock:
+            if self._closed:
+                raise StoreError(self.name, "the store is closed")
             try:
                 if self._listener is None or self._listener.closed:
                     self._listener = psycopg.connect(
@@ -367,7 +457,7 @@ class PostgresStore:
         rows: list[tuple[str, str, int, str]],
         payload: str,
     ) -> int:
-        behind: list[Change] | None = None
+        behind = False
         with conn.transaction():
             row = conn.execute(
                 "UPDATE tmg_meta SET change_seq = change_seq + 1 WHERE id = 1 RETURNING change_seq"
@@ -375,7 +465,7 @@ class PostgresStore:
             assert row is not None
             seq = int(row[0])
             if seq != after + 1:  # others committed since: nothing of this batch is written
-                behind = self._changes_since(conn, after)
+                behind = True
                 raise psycopg.Rollback()
             if batch.deletes:
                 deleted = conn.execute(
@@ -388,6 +478,7 @@ class PostgresStore:
                 conn.execute(
                     "DELETE FROM tmg_drain_idle WHERE worker_id = ANY(%s)", (list(batch.deletes),)
                 )
+            self._record_jobs(conn, batch)
             for worker_id, key, version, data in rows:
                 before = batch.versions_before.get(worker_id, _UNKNOWN)
                 if before is None:  # new: its id was never stored (the PRIMARY KEY says so)
@@ -433,9 +524,26 @@ class PostgresStore:
             if seq % 1000 == 0:
                 conn.execute("DELETE FROM tmg_changes WHERE seq <= %s", (seq - KEEP_CHANGES,))
             conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-        if behind is not None:
-            raise Behind(behind)
+        if behind:  # read after the rollback (a full reload needs a transaction of its own)
+            raise Behind(self._changes_since(conn, after))
         return seq
+
+    def _record_jobs(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
+        over = [
+            worker_id
+            for worker_id, plain in batch.upserts.items()
+            if worker_id not in batch.started_jobs and not _job_active(plain)
+        ]
+        over += list(batch.deletes)
+        if over:
+            conn.execute("DELETE FROM tmg_jobs WHERE worker_id = ANY(%s)", (over,))
+        for worker_id, job_id in batch.started_jobs.items():
+            conn.execute(
+                "INSERT INTO tmg_jobs (worker_id, job_id, replica) VALUES (%s, %s, %s) "
+                "ON CONFLICT (worker_id) DO UPDATE SET job_id = excluded.job_id, "
+                "replica = excluded.replica",
+                (worker_id, job_id, self.replica),
+            )
 
     def _changes_since(self, conn: psycopg.Connection[Any], seq: int) -> list[Change]:
         rows = conn.execute(
@@ -486,6 +594,11 @@ class PostgresStore:
 
 
 _UNKNOWN: Any = object()
+
+
+def _job_active(plain: Any) -> bool:
+    job = plain.get("job")
+    return isinstance(job, dict) and job.get("state") in ("queued", "running")
 
 
 def _reason(error: psycopg.Error) -> str:
