@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from scripts.bench_churn import Child, gateway_command
+from scripts.postgres_server import PostgresServer
 from tests.conftest import StartWorkers
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -26,8 +27,10 @@ class Replicas:
         self.urls: list[str] = []
         self.retired: list[Child] = []  # replaced by a restart
 
-    async def start(self, index: int) -> str:
+    async def start(self, index: int, *, port: int = 0) -> str:
         command = gateway_command(
+            "--port",
+            str(port),
             "--state",
             self.url,
             "--replica-lease-secs",
@@ -169,3 +172,125 @@ async def test_sigkill_of_the_replica_running_a_registration_hands_it_to_another
         for client in (b, c):
             listed = (await client.get("/workers")).json()["workers"]
             assert [w["id"] for w in listed] == [worker_id]  # no duplicate
+
+
+async def test_a_stream_through_b_finishes_while_a_deletes_its_worker_then_it_is_removed(
+    clients: list[httpx.AsyncClient], start_workers: StartWorkers
+) -> None:
+    [fake] = await start_workers(1, token_delay=0.05)
+    a, b, c = clients
+    with trio.fail_after(60):
+        posted = await a.post("/workers", json={"url": f"127.0.0.1:{fake.port}"})
+        worker_id = posted.json()["worker_id"]
+        for client in clients:
+            await wait_ready(client, worker_id)
+        body = {**CHAT, "stream": True, "max_tokens": 30}
+        lines: list[str] = []
+        async with b.stream("POST", "/v1/chat/completions", json=body) as streamed:
+            assert streamed.status_code == 200
+            async for line in streamed.aiter_lines():
+                if not line:
+                    continue  # between events
+                lines.append(line)
+                if len(lines) == 2:
+                    deleted = await a.delete(f"/workers/{worker_id}")
+                    assert deleted.status_code == 202
+                    assert deleted.json()["worker_status"] == "draining"
+                    draining = await c.get(
+                        f"/workers/{worker_id}",
+                        params={"wait_for": "draining", "timeout_secs": 10},
+                    )
+                    assert draining.json()["status"] == "draining"
+                    refused = await c.post("/v1/chat/completions", json=CHAT)
+                    assert refused.status_code == 503  # nothing new is routed to it
+                    assert (await a.get(f"/workers/{worker_id}")).status_code == 200
+        assert lines[-1] == "data: [DONE]"
+        assert sum(line.startswith("data: {") for line in lines) == 30  # the whole stream
+        for client in clients:
+            gone = await client.get(
+                f"/workers/{worker_id}", params={"wait_for": "ready", "timeout_secs": 10}
+            )
+            assert gone.status_code == 404
+
+
+async def test_a_replica_restarted_under_load_catches_up_with_only_refused_connections(
+    replicas: Replicas, clients: list[httpx.AsyncClient], start_workers: StartWorkers
+) -> None:
+    [fake] = await start_workers(1)
+    a, b, _ = clients
+    port = int(replicas.urls[1].rsplit(":", 1)[1])
+    errors: list[str] = []
+    answered = 0
+    with trio.fail_after(90):
+        posted = await a.post("/workers", json={"url": f"127.0.0.1:{fake.port}"})
+        first_id = posted.json()["worker_id"]
+        await wait_ready(b, first_id)
+        restarted = trio.Event()
+
+        async def load() -> None:
+            nonlocal answered
+            async with httpx.AsyncClient(base_url=replicas.urls[1], trust_env=False) as fresh:
+                while not restarted.is_set() or answered < 50:
+                    try:
+                        answer = await fresh.post("/v1/chat/completions", json=CHAT)
+                    except httpx.ConnectError:
+                        await trio.sleep(0.01)  # nothing listens yet: try again shortly
+                        continue
+                    except httpx.TransportError as error:
+                        errors.append(repr(error))
+                        continue
+                    if answer.status_code != 200:
+                        errors.append(f"{answer.status_code} {answer.text}")
+                    answered += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            await replicas.children[1].stop()  # SIGTERM: a graceful stop
+            second = await a.post("/workers", json={"url": "127.0.0.1:9"})  # while B is down
+            await replicas.start(1, port=port)
+            restarted.set()
+        again = httpx.AsyncClient(base_url=replicas.urls[1], trust_env=False)
+        async with again:
+            found = await again.get(f"/workers/{second.json()['worker_id']}")
+            assert found.status_code == 200  # what happened while it was down
+    assert errors == []
+    assert answered >= 50
+
+
+async def test_while_postgres_restarts_writes_get_503_and_reads_and_routing_go_on(
+    start_workers: StartWorkers,
+) -> None:
+    [fake] = await start_workers(1)
+    with PostgresServer() as server:
+        group = Replicas(server.create_database())
+        try:
+            for index in range(2):
+                await group.start(index)
+            async with (
+                httpx.AsyncClient(base_url=group.urls[0], trust_env=False, timeout=30) as a,
+                httpx.AsyncClient(base_url=group.urls[1], trust_env=False, timeout=30) as b,
+            ):
+                with trio.fail_after(90):
+                    posted = await a.post("/workers", json={"url": f"127.0.0.1:{fake.port}"})
+                    worker_id = posted.json()["worker_id"]
+                    await wait_ready(b, worker_id)
+                    await trio.to_thread.run_sync(server.stop)
+                    refused = await a.post("/workers", json={"url": "127.0.0.1:9"})
+                    assert (refused.status_code, refused.json()["code"]) == (
+                        503,
+                        "STORE_UNAVAILABLE",
+                    )
+                    assert (await b.delete(f"/workers/{worker_id}")).status_code == 503
+                    for client in (a, b):
+                        assert (await client.get(f"/workers/{worker_id}")).status_code == 200
+                        routed = await client.post("/v1/chat/completions", json=CHAT)
+                        assert routed.status_code == 200
+                    await trio.to_thread.run_sync(server.start)
+                    again = await a.post("/workers", json={"url": "127.0.0.1:9"})
+                    assert again.status_code == 202, again.text
+                    found = await b.get(f"/workers/{again.json()['worker_id']}")
+                    assert found.status_code == 200
+        finally:
+            await group.stop()
+            for child in group.retired + group.children:
+                child.log.close()
