@@ -179,6 +179,7 @@ class SharedStore(Store, Protocol):
     a named lease for ``replica_lease_secs``; True while this replica holds it."""
 
     replica: str
+    shared: bool  # True: this store is written by several replicas
 
     def commit_after(self, batch: Batch, after: int) -> int: ...
 
@@ -204,7 +205,8 @@ def is_postgres_url(text: str) -> bool:
 
 
 def is_shared(store: Store) -> bool:
-    return callable(getattr(store, "commit_after", None))
+    """True for a store other replicas write too (its ``shared`` attribute says so)."""
+    return bool(getattr(store, "shared", False))
 
 
 class Reservation:

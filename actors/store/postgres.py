@@ -153,6 +153,7 @@ class PostgresStore:
     older is no longer counted as live (it holds no drain)."""
 
     blocking = True
+    shared = True
 
     def __init__(
         self,
