@@ -26,6 +26,7 @@ from actors.registry.service import Gateway, open_gateway
 from actors.store import StoreError
 from api.http.limits import ServerLimits
 from api.serve import SERVERS, serve_api
+from api.supervisor import process_count, supervise
 
 log = logging.getLogger("tmg")
 ADMIN_KEY_ENV = "TMG_ADMIN_API_KEY"
@@ -92,6 +93,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="FILE",
         help="TOML file whose keys are these options (underscored); flags override it",
     )
+    add(
+        "--processes",
+        type=process_count,
+        default=1,
+        metavar="N|auto",
+        help="gateway processes sharing the port and the registry (auto: one per core); "
+        "see api/supervisor.py",
+    )
+    add(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, sharing the port with other processes (set by --processes)",
+    )
+    add(
+        "--own-port",
+        action="store_true",
+        help='also listen on a port of this process alone, printed as "own" (set by '
+        "--processes: how each process's /metrics is scraped)",
+    )
     add("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log")
     add("--log-format", default="text", choices=("text", "json"), help="log line format")
     add(
@@ -132,6 +152,8 @@ def config_options() -> list[ConfigOption]:
         keywords: dict[str, Any] = {"help": spec["help"], "default": default}
         if types[field.name] in (int, float):
             keywords["type"] = types[field.name]
+        if types[field.name] is bool:
+            keywords["action"] = "store_true"
         if get_origin(types[field.name]) is tuple:  # repeatable: given once per item
             assert isinstance(field.default, tuple)
             keywords.update(action="append", default=list(field.default))
@@ -219,6 +241,8 @@ def _check(args: argparse.Namespace) -> list[str]:
             config.check_address(WorkerSpec(url=parse_worker_url(url)))
         except GatewayError as error:
             problems.append(f"--worker-url {error.message}")
+    if args.server != "http1" and (args.processes > 1 or args.reuse_port or args.own_port):
+        problems.append("--processes, --reuse-port and --own-port need --server http1")
     if (
         not _is_loopback(args.host)
         and not args.admin_api_key
@@ -275,7 +299,7 @@ async def serve_main(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, stop)
             host = f"[{args.host}]" if ":" in args.host else args.host
-            [url] = await nursery.start(
+            urls = await nursery.start(
                 partial(
                     serve_api,
                     gateway,
@@ -286,11 +310,14 @@ async def serve_main(args: argparse.Namespace) -> None:
                     server=args.server,
                     max_connections=args.max_connections,
                     write_timeout=args.write_timeout_secs,
+                    reuse_port=args.reuse_port,
+                    own_port=args.own_port,
                 )
             )
+            url, *own = urls
             auth = "admin key required" if args.admin_api_key else "no admin key"
             log.info("gateway listening on %s (%s, policy %s)", url, auth, args.policy)
-            print(json.dumps({"listening": url}), flush=True)
+            print(json.dumps({"listening": url, **({"own": own[0]} if own else {})}), flush=True)
             await stop.wait()
             nursery.cancel_scope.deadline = trio.current_time() + args.shutdown_grace_secs + 1
 
@@ -317,8 +344,11 @@ async def _stop_on_signal(stop: trio.Event) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     _setup_logging(args.log_level, args.log_format)
+    if args.command == "serve" and args.processes > 1:
+        sys.exit(trio.run(supervise, args, argv))
     if args.command == "serve":
         try:
             trio.run(serve_main, args)

@@ -32,12 +32,15 @@ async def serve_api(
     server: str = "http1",
     max_connections: int | None = None,
     write_timeout: float | None = None,
+    reuse_port: bool = False,
+    own_port: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until ``shutdown_trigger`` returns (or forever). ``nursery.start`` gets the list of
     bound URLs, e.g. ``["http://127.0.0.1:41234"]`` for ``bind="127.0.0.1:0"``.
     ``max_connections`` (None: derived from the open-file limit) and ``write_timeout`` apply to
-    the http1 server only; a limit left at None takes ``ServerLimits``' default."""
+    the http1 server only; a limit left at None takes ``ServerLimits``' default; so do
+    ``reuse_port`` and ``own_port`` (``serve_http1``: several processes on one port)."""
     limits = ServerLimits(max_connections=max_connections)
     if graceful_timeout is not None:
         limits = replace(limits, graceful_timeout=graceful_timeout)
@@ -53,9 +56,13 @@ async def serve_api(
             port=int(port),
             shutdown_trigger=shutdown_trigger,
             limits=limits,
+            reuse_port=reuse_port,
+            own_port=own_port,
             task_status=task_status,
         )
         return
+    if reuse_port or own_port:
+        raise ValueError("reuse_port and own_port need the http1 server")
     if server != "hypercorn":
         raise ValueError(f"server must be one of {', '.join(SERVERS)}, not {server!r}")
     config = Config()

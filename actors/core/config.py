@@ -95,6 +95,20 @@ class GatewayConfig:
             metavar="PATH|URL",
         ),
     )
+    shared_state: bool = field(
+        default=False,
+        metadata=flag(
+            "open the SQLite state file as one of several gateway processes on this host "
+            "(set by tmg serve --processes; a PostgreSQL URL is always shared)"
+        ),
+    )
+    process_label: str | None = field(
+        default=None,
+        metadata=flag(
+            "add process=LABEL to every /metrics series (set per process by --processes)",
+            metavar="LABEL",
+        ),
+    )
     replica_lease_secs: float = field(
         default=5.0,
         metadata=flag(
@@ -165,6 +179,18 @@ def _state(field: str, value: object) -> str:
     return text
 
 
+def _boolean(field: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidInput(field, f"must be true or false, not {check.kind(value)}")
+    return value
+
+
+def _optional_label(field: str, value: object) -> str | None:
+    if value is None:
+        return None
+    return _instance_id(field, value)
+
+
 def _instance_id(field: str, value: object) -> str:
     """Sent in the x-tmg-via hop header and the x-tmg-gateway answer header: a short token."""
     text = check.text(field, value)
@@ -190,6 +216,8 @@ CONFIG_FIELDS: dict[str, check.Checker] = {
     "allowed_networks": check.string_list,
     "state": _state,
     "replica_lease_secs": check.seconds(check.MIN_TIMEOUT_SECS),
+    "shared_state": _boolean,
+    "process_label": _optional_label,
     "instance_id": _instance_id,
 }
 

@@ -12,6 +12,10 @@ worker, and ``forget_worker`` (called when the registry removes the worker) remo
 series for a worker that is no longer registered is never created again. Without that, every
 worker that ever served left its series behind (thousands after a few thousand churn cycles).
 The kept children also spare the hot path ``labels()``'s lookup: one dict hit per answer.
+
+``process_label``: every series is rendered with ``process="<label>"`` added (one gateway
+process among several on one port, ``tmg serve --processes``). The label is added when
+scraped, so the hot path is the same with or without it.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from actors.core.model import WorkerId, WorkerStatus
@@ -71,9 +75,31 @@ def _per_worker(name: str, documentation: str, values: Mapping[WorkerId, int]) -
     return family
 
 
+class _Labelled(Collector):
+    """Another collector's metrics with ``labels`` added to every sample."""
+
+    def __init__(self, inner: CollectorRegistry, labels: Mapping[str, str]) -> None:
+        self._inner = inner
+        self._labels = dict(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            labelled = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, **self._labels})
+                for sample in metric.samples
+            ]
+            yield labelled
+
+
 class GatewayMetrics:
-    def __init__(self) -> None:
+    def __init__(self, process_label: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._rendered: Collector = (
+            self.registry
+            if process_label is None
+            else _Labelled(self.registry, {"process": process_label})
+        )
         # (model, worker_id, code) -> its tmg_requests_total child; worker_id -> its keys
         self._requests: dict[tuple[str, WorkerId, int], Counter] = {}
         self._requests_of: dict[WorkerId, list[tuple[str, WorkerId, int]]] = {}
@@ -161,4 +187,4 @@ class GatewayMetrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._rendered)

@@ -113,7 +113,7 @@ class Gateway:
         self.feed = Feed(self._snapshot)  # change events, fed by _publish
         self._changed: trio.Event | None = None  # created when someone waits
         self._watchers: dict[WorkerId, trio.Event] = {}  # per-worker waits (wait_status)
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(config.process_label)
         breakers = CircuitBreakers(
             BreakerConfig(
                 failure_threshold=config.breaker_failures,
@@ -353,6 +353,7 @@ def _store_opener(config: GatewayConfig, store: StoreOption) -> Callable[[], Sto
             config.state,
             replica=config.instance_id,
             replica_lease_secs=config.replica_lease_secs,
+            **({"shared": True} if config.shared_state else {}),
         )
     if callable(getattr(store, "commit", None)):  # a Store itself
         given: Store = store  # type: ignore[assignment]

@@ -46,6 +46,7 @@ from api.http.response import DateHeader
 __all__ = ["ServerLimits", "serve_http1"]
 
 log = logging.getLogger("tmg.http")
+LISTEN_BACKLOG = 0xFFFF  # as trio.open_tcp_listeners: the kernel caps it at somaxconn
 _ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
@@ -56,20 +57,66 @@ async def serve_http1(
     port: int,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     limits: ServerLimits | None = None,
+    reuse_port: bool = False,
+    own_port: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` until ``shutdown_trigger`` returns (or forever). ``nursery.start`` gets the
     bound URLs, e.g. ``["http://127.0.0.1:41234"]`` for port 0. On shutdown: stop accepting,
-    close idle connections, give requests in progress ``graceful_timeout`` to finish."""
+    close idle connections, give requests in progress ``graceful_timeout`` to finish.
+
+    ``reuse_port``: bind with ``SO_REUSEPORT``, so several processes listen on one port and the
+    kernel spreads new connections over them (``tmg serve --processes``). ``own_port``: also
+    listen on a port of this process alone (chosen by the system; its URL comes second), so
+    each of those processes can be reached on its own (its ``/metrics``)."""
     limits = limits or ServerLimits()
     server = _Server(app, limits, connection_cap(limits, raise_open_file_limit()))
     async with lifespan(app):
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners: list[trio.SocketListener] = []
         try:
-            await _serve(server, listeners, shutdown_trigger, task_status)
+            if reuse_port:
+                listeners += await _open_reuse_port_listeners(host, port)
+            else:
+                listeners += await trio.open_tcp_listeners(port, host=host)
+            if own_port:
+                listeners += await trio.open_tcp_listeners(0, host=host)
+            await _serve(server, listeners, shutdown_trigger, task_status, own_port)
         finally:
             for listener in listeners:
                 listener.socket.close()  # sync: also when cancelled
+
+
+async def _open_reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
+    """``trio.open_tcp_listeners`` with ``SO_REUSEPORT`` set before the bind."""
+    found = await trio.socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners = []
+    try:
+        for family, kind, proto, _, address in found:
+            sock = trio.socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                await sock.bind(address)
+                sock.listen(LISTEN_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            listeners.append(trio.SocketListener(sock))
+    except BaseException:
+        for listener in listeners:
+            listener.socket.close()
+        raise
+    return listeners
+
+
+def _url(listener: trio.SocketListener) -> str:
+    bound = listener.socket.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    return f"http://{shown}:{bound[1]}"
 
 
 async def _serve(
@@ -77,14 +124,14 @@ async def _serve(
     listeners: list[trio.SocketListener],
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     task_status: trio.TaskStatus[list[str]],
+    own_port: bool = False,
 ) -> None:
-    bound = listeners[0].socket.getsockname()
-    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    urls = [_url(listeners[0])] + ([_url(listeners[-1])] if own_port else [])
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             for listener in listeners:
                 accepting.start_soon(_accept, listener, connections, server)
-            task_status.started([f"http://{shown}:{bound[1]}"])
+            task_status.started(urls)
             if shutdown_trigger is None:
                 await trio.sleep_forever()
             await shutdown_trigger()
