@@ -59,6 +59,7 @@ class Child:
         self.name, self.command = name, command
         self.log = log  # its stderr, shown only on failure
         self.process: trio.Process | None = None
+        self.started: Any = None
 
     async def start(self) -> Any:
         self.process = await trio.lowlevel.open_process(
@@ -72,7 +73,8 @@ class Child:
                 if not chunk:
                     raise RuntimeError(f"{self.name} exited before printing its listening line")
                 line += chunk
-        return json.loads(line)["listening"]
+        self.started = json.loads(line)  # the whole line (tmg serve --processes: the pids)
+        return self.started["listening"]
 
     async def stop(self) -> None:
         """SIGTERM, wait, SIGKILL after STOP_TIMEOUT; shielded, so it runs even when cancelled."""

@@ -17,11 +17,19 @@ shown only when something failed.
         [--only gateway|direct] [--server http1|hypercorn]
 
 ``--server`` is passed to the gateway process (``tmg serve --server``): compare the servers.
+
+``--processes 1,2`` runs one gateway per count side by side (``tmg serve --processes N``: N
+gateway processes on one port), its runs interleaved with the others', each measured with the
+CPU of all its gateway processes (``gateway_cpu``), the fake worker's (``worker_cpu``) and the
+load generator's (``client_cpu``) per request; the summary then gives, per stream mode and
+connection count, the req/s of each count and the ratio to 1 process. Targets are named
+``gateway`` for one process and ``gateway_Np`` for N.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -72,7 +80,12 @@ async def register_workers(gateway: str, ports: list[int]) -> None:
 
 
 async def loadtest(
-    args: argparse.Namespace, url: str, pid: int, stream: bool, connections: int
+    args: argparse.Namespace,
+    url: str,
+    pids: list[int],
+    stream: bool,
+    connections: int,
+    worker_pids: list[int],
 ) -> tuple[dict[str, Any], bool]:
     """One loadtest.py run, its JSON line relayed to stdout: (its figures, whether it passed)."""
     command = [
@@ -93,7 +106,8 @@ async def loadtest(
         "--max-tokens",
         str(MAX_TOKENS),
         "--server-pid",
-        str(pid),
+        ",".join(map(str, pids)),
+        *(["--worker-pid", ",".join(map(str, worker_pids))] if pids != worker_pids else []),
         *(["--stream"] if stream else []),
     ]
     result = await trio.run_process(
@@ -110,6 +124,28 @@ async def loadtest(
         sys.stderr.write(f"--- loadtest {what} exited {result.returncode} ---\n")
         sys.stderr.write(result.stderr.decode(errors="replace") + "\n")
     return figures, result.returncode == 0 and bool(figures)
+
+
+def by_processes(args: argparse.Namespace, runs: dict[Key, dict[str, Any]]) -> dict[str, Any]:
+    """Per stream mode and connection count: each process count's req/s, its ratio to one
+    process, and the CPU ms per request of the gateway processes, the worker and the client."""
+    table: dict[str, Any] = {}
+    for label, stream in (("non_streaming", False), ("streaming", True)):
+        for connections in args.connections:
+            one = runs.get(("gateway", stream, connections), {}).get("rps")
+            row: dict[str, Any] = {}
+            for n in args.processes:
+                figures = runs.get((target_name(n), stream, connections), {})
+                rps = figures.get("rps")
+                row[str(n)] = {
+                    "rps": rps,
+                    "x_one_process": round(rps / one, 2) if rps and one else None,
+                    "gateway_cpu_ms": figures.get("server_cpu_ms_per_request"),
+                    "worker_cpu_ms": figures.get("worker_cpu_ms_per_request"),
+                    "client_cpu_ms": figures.get("client_cpu_ms_per_request"),
+                }
+            table[f"{label}_at_{connections}"] = row
+    return table
 
 
 def summary(
@@ -140,6 +176,8 @@ def summary(
                 str(c): figure("gateway", stream, c, cpu) for c in args.connections
             },
         }
+    if len(args.processes) > 1:
+        modes["by_processes"] = by_processes(args, runs)
     return {
         "benchmark": "inference_summary",
         "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
@@ -153,18 +191,28 @@ def summary(
     }
 
 
+def target_name(processes: int) -> str:
+    return "gateway" if processes == 1 else f"gateway_{processes}p"
+
+
 async def main(args: argparse.Namespace) -> int:
     fake = fake_worker_command(2, "--model", MODEL)
-    serve = gateway_command("--server", args.server)
-    targets = [t for t in ("direct", "gateway") if args.only in (None, t)]
+    gateways = {
+        target_name(n): gateway_command("--server", args.server, "--processes", str(n))
+        for n in args.processes
+    }
+    targets = ["direct"] if args.only in (None, "direct") else []
+    if args.only in (None, "gateway"):
+        targets += list(gateways)
     load_before = tuple(round(x, 2) for x in os.getloadavg())
     runs: dict[Key, dict[str, Any]] = {}
     ok = interrupted = False
     sigterm = trio.Event()
-    with tempfile.TemporaryFile() as fake_log, tempfile.TemporaryFile() as serve_log:
-        children = [Child("fake_worker", fake, fake_log)]
-        if "gateway" in targets:
-            children.append(Child("gateway", serve, serve_log))
+    with contextlib.ExitStack() as logs:
+        children = [Child("fake_worker", fake, logs.enter_context(tempfile.TemporaryFile()))]
+        for name, command in gateways.items():
+            if name in targets:
+                children.append(Child(name, command, logs.enter_context(tempfile.TemporaryFile())))
         try:
             async with trio.open_nursery() as nursery:  # SIGTERM cancels it: the children stop
                 await nursery.start(cancel_on_sigterm, nursery.cancel_scope, sigterm)
@@ -188,16 +236,18 @@ async def run_all(
     """Start the children, register the fake workers, run every loadtest; True if all passed."""
     ports: list[int] = await children[0].start()
     urls = {"direct": f"http://127.0.0.1:{ports[0]}"}
-    if "gateway" in targets:
-        urls["gateway"] = await children[1].start()
-        await register_workers(urls["gateway"], ports)
-    pids = {"direct": _pid(children[0]), "gateway": _pid(children[-1])}
+    pids = {"direct": [_pid(children[0])]}
+    for child in children[1:]:
+        urls[child.name] = await child.start()
+        await register_workers(urls[child.name], ports)
+        processes = child.started.get("processes")  # tmg serve --processes N: the N pids
+        pids[child.name] = [p["pid"] for p in processes] if processes else [_pid(child)]
     ok = True
     for stream in (False, True):
         for connections in args.connections:
-            for target in targets:  # interleaved: a drifting background load hits both alike
+            for target in targets:  # interleaved: a drifting background load hits all alike
                 figures, passed = await loadtest(
-                    args, urls[target], pids[target], stream, connections
+                    args, urls[target], pids[target], stream, connections, pids["direct"]
                 )
                 runs[target, stream, connections] = figures
                 ok = ok and passed
@@ -233,6 +283,7 @@ def parse_args() -> argparse.Namespace:
     add("--connections", default="1,32,128", help="comma list of connection counts")
     add("--only", choices=("gateway", "direct"), default=None, help="run one target only")
     add("--server", choices=("http1", "hypercorn"), default="http1", help="the gateway's server")
+    add("--processes", default="1", help="comma list of gateway process counts, side by side")
     args = parser.parse_args()
     try:
         args.connections = [int(n) for n in args.connections.split(",")]
@@ -240,6 +291,16 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"--connections {args.connections!r}: a comma list of integers")
     if not args.connections or min(args.connections) < 1:
         parser.error("--connections: each count must be at least 1")
+    try:
+        args.processes = [int(n) for n in args.processes.split(",")]
+    except ValueError:
+        parser.error(f"--processes {args.processes!r}: a comma list of integers")
+    if (
+        not args.processes
+        or min(args.processes) < 1
+        or len(set(args.processes)) != len(args.processes)
+    ):
+        parser.error("--processes: distinct counts, each at least 1")
     return args
 
 

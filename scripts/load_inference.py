@@ -57,7 +57,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--path", default="/v1/chat/completions", help="chat in the path: messages, else prompt")
     add("--warmup", type=float, default=1.0, help="seconds run first and not counted")
     add("--request-timeout", type=float, default=30.0, help="seconds before a request is an error")
-    add("--server-pid", type=int, default=None, help="report this process's CPU ms per request")
+    add(
+        "--server-pid",
+        type=_pids,
+        default=None,
+        help="report these processes' CPU ms per request, summed (comma list of pids)",
+    )
+    add(
+        "--worker-pid",
+        type=_pids,
+        default=None,
+        help="report these processes' CPU ms per request too (the worker's side)",
+    )
 
 
 def build_request(args: argparse.Namespace) -> tuple[str, int, bytes]:
@@ -254,6 +265,19 @@ async def connection_task(conn: Connection, tally: Tally, request_timeout: float
         await conn.close()
 
 
+def _pids(text: str) -> list[int]:
+    try:
+        pids = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma list of pids, not {text!r}") from None
+    return pids
+
+
+def cpu_of(pids: list[int] | None) -> float:
+    """The CPU seconds of ``pids`` together (0 for None)."""
+    return sum(cpu_seconds(pid) for pid in pids or ())
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of process ``pid`` from /proc/PID/stat, in seconds."""
     try:
@@ -268,8 +292,8 @@ async def run_inference(args: argparse.Namespace) -> dict[str, object]:
     host, port, request = build_request(args)
     tally, marks = Tally(), []  # marks: (wall clock, own CPU, server CPU) at both window ends
 
-    def server_cpu() -> float:
-        return cpu_seconds(args.server_pid) if args.server_pid else 0.0
+    def server_cpu() -> tuple[float, float]:
+        return cpu_of(args.server_pid), cpu_of(args.worker_pid)
 
     server_cpu()  # a wrong --server-pid fails now, not after the run
     conns = [Connection(host, port, request, args.stream) for _ in range(args.connections)]
@@ -308,5 +332,7 @@ async def run_inference(args: argparse.Namespace) -> dict[str, object]:
         figures["events_per_stream"] = round(sum(events) / len(events), 2) if events else None
     figures["client_cpu_ms_per_request"] = round((cpu1 - cpu0) * per_request_ms, 3)
     if args.server_pid:
-        figures["server_cpu_ms_per_request"] = round((server1 - server0) * per_request_ms, 3)
+        figures["server_cpu_ms_per_request"] = round((server1[0] - server0[0]) * per_request_ms, 3)
+    if args.worker_pid:
+        figures["worker_cpu_ms_per_request"] = round((server1[1] - server0[1]) * per_request_ms, 3)
     return figures

@@ -86,7 +86,7 @@ async def test_a_drain_ends_at_the_drain_timeout_with_requests_still_in_flight(
     await gateway.remove_worker(worker.id)
     await gateway.wait_removed(worker.id, 60)
     assert trio.current_time() - start == pytest.approx(7.0)
-    assert "drain timed out with requests in flight" in caplog.text
+    assert "drain timed out waiting for requests in flight" in caplog.text
 
 
 async def test_the_settle_time_is_waited_after_the_last_request_ends(
@@ -198,3 +198,30 @@ async def test_a_finish_the_registry_refuses_is_not_an_error(
     await trio.testing.wait_all_tasks_blocked()
     assert drainer.draining == frozenset()
     assert "finish drain of w1" in caplog.text
+
+
+async def test_a_replicas_drain_waits_for_the_others_and_ends_when_the_worker_is_gone(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    polls: list[float] = []
+    finished: list[WorkerId] = []
+
+    async def others_busy(worker_id: WorkerId) -> bool:
+        polls.append(trio.current_time())
+        return False  # another replica still has requests in flight
+
+    async def finish(worker_id: WorkerId) -> None:
+        finished.append(worker_id)
+
+    drainer = Drainer(nursery, InFlight(), finish, others_busy)
+    worker = draining()
+    assert not drainer.removable_now(worker)  # never in the DELETE's own step
+    drainer.start(worker)
+    await trio.sleep(1)
+    assert len(polls) > 5 and drainer.draining == {worker.id}
+    drainer.forget(worker.id)  # removed through another replica
+    await trio.testing.wait_all_tasks_blocked()
+    count = len(polls)
+    await trio.sleep(60)
+    assert len(polls) == count  # no polling after it was gone
+    assert finished == [] and drainer.draining == frozenset()

@@ -275,6 +275,8 @@ def test_a_drain_is_idle_once_every_live_replica_recorded_it(
     postgres_url: str, open_pg: Open
 ) -> None:
     a, b = open_pg("a", replica_lease_secs=5), open_pg("b", replica_lease_secs=5)
+    a.commit_after(new("w1", "127.0.0.1:8001"), 0)
+    a.commit_after(new("w2", "127.0.0.1:8002"), 1)
     assert a.heartbeat() == ["a"]
     assert b.heartbeat() == ["a", "b"]
     assert a.record_idle("w1") is False
@@ -293,6 +295,20 @@ def test_a_drain_is_idle_once_every_live_replica_recorded_it(
     assert b.heartbeat() == ["a", "b"]
     assert a.record_idle("w1") is False
     assert b.record_idle("w1") is True
+
+
+def test_a_drain_of_a_worker_that_is_gone_is_over_and_records_nothing(
+    postgres_url: str, open_pg: Open
+) -> None:
+    a, b = open_pg("a"), open_pg("b")
+    a.heartbeat()
+    b.heartbeat()
+    a.commit_after(new("w1", "127.0.0.1:8001"), 0)
+    assert a.record_idle("w1") is False
+    b.commit_after(Batch(deletes=["w1"]), 1)  # removed (by b, which never recorded)
+    assert a.record_idle("w1") is True  # nothing left to wait for
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT count(*) FROM tmg_drain_idle").fetchone() == (0,)
 
 
 # ---- the feed ------------------------------------------------------------------------------

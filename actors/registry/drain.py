@@ -54,12 +54,19 @@ class Drainer:
         self._inflight = inflight
         self._finish = finish
         self._record_idle = record_idle
-        self._draining: set[WorkerId] = set()  # workers with a drain task running
+        self._draining: dict[WorkerId, trio.CancelScope] = {}  # each running drain's scope
 
     @property
     def draining(self) -> frozenset[WorkerId]:
         """The workers whose drain task is running."""
         return frozenset(self._draining)
+
+    def forget(self, worker_id: WorkerId) -> None:
+        """The worker is gone (removed here, or by another replica): its drain task, if one
+        runs, ends now (sync: the registry calls it in the step that removed the worker)."""
+        scope = self._draining.pop(worker_id, None)
+        if scope is not None:
+            scope.cancel()
 
     def removable_now(self, worker: Worker) -> bool:
         """True when a worker that just began draining can be removed in the same step: nothing
@@ -75,24 +82,29 @@ class Drainer:
         """Drain ``worker`` in the background, unless it is draining already (sync: the
         registry calls it in the step that applied the BeginDrain)."""
         if worker.status is WorkerStatus.DRAINING and worker.id not in self._draining:
-            self._draining.add(worker.id)
-            self._nursery.start_soon(self._drain, worker)
+            scope = self._draining[worker.id] = trio.CancelScope()
+            self._nursery.start_soon(self._drain, worker, scope)
 
-    async def _drain(self, worker: Worker) -> None:
+    async def _drain(self, worker: Worker, scope: trio.CancelScope) -> None:
         spec = worker.spec
         try:
-            with trio.move_on_after(spec.drain_timeout_secs or 0.0) as waited:
-                await self._inflight.wait_idle(worker.id)
-                if self._record_idle is not None:
-                    # the others' records are in the database: polled, no event to wait on
-                    while not await self._record_idle(worker.id):  # noqa: ASYNC110
-                        await trio.sleep(IDLE_POLL_SECS)
-            if waited.cancelled_caught:
-                log.warning("worker %s: drain timed out with requests in flight", worker.id)
-            await trio.sleep(spec.health.drain_settle_secs)
-            try:
-                await self._finish(worker.id)
-            except RegistryError as error:  # gone already
-                log.debug("finish drain of %s: %s", worker.id, error)
+            with scope:
+                idle = False
+                with trio.move_on_after(spec.drain_timeout_secs or 0.0) as waited:
+                    await self._inflight.wait_idle(worker.id)
+                    idle = True
+                    if self._record_idle is not None:
+                        # the others' records are in the database: polled, no event to wait on
+                        while not await self._record_idle(worker.id):  # noqa: ASYNC110
+                            await trio.sleep(IDLE_POLL_SECS)
+                if waited.cancelled_caught:
+                    what = "other replicas" if idle else "requests in flight"
+                    log.warning("worker %s: drain timed out waiting for %s", worker.id, what)
+                await trio.sleep(spec.health.drain_settle_secs)
+                try:
+                    await self._finish(worker.id)
+                except RegistryError as error:  # gone already
+                    log.debug("finish drain of %s: %s", worker.id, error)
         finally:
-            self._draining.discard(worker.id)
+            if self._draining.get(worker.id) is scope:
+                del self._draining[worker.id]

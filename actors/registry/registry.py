@@ -254,6 +254,7 @@ async def run_registry(
                 case CancelJob(worker_id=worker_id, job_id=job_id):
                     if job_id is None:  # the worker is gone
                         on_removed(worker_id)
+                        drains.forget(worker_id)
                     running = jobs.get(worker_id)
                     if running is not None and job_id in (None, running.start.job_id):
                         del jobs[worker_id]

@@ -278,11 +278,19 @@ class PostgresStore:
     def record_idle(self, worker_id: str) -> bool:
         def record(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                conn.execute(
-                    "INSERT INTO tmg_drain_idle (worker_id, replica) VALUES (%s, %s) "
-                    "ON CONFLICT DO NOTHING",
-                    (worker_id, self.replica),
-                )
+                recorded = conn.execute(
+                    "INSERT INTO tmg_drain_idle (worker_id, replica) SELECT %s, %s "
+                    "WHERE EXISTS (SELECT 1 FROM tmg_workers WHERE id = %s) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    (worker_id, self.replica, worker_id),
+                ).fetchone()
+                if (
+                    recorded is None
+                    and not conn.execute(
+                        "SELECT 1 FROM tmg_workers WHERE id = %s", (worker_id,)
+                    ).fetchone()
+                ):
+                    return True  # gone already: nothing to wait for
                 row = conn.execute(
                     "SELECT count(*) FROM tmg_replicas r WHERE r.seen_at > now() - "
                     "make_interval(secs => %s) AND NOT EXISTS (SELECT 1 FROM tmg_drain_idle d "
