@@ -213,7 +213,7 @@ async def test_a_replicas_drain_waits_for_the_others_and_ends_when_the_worker_is
     async def finish(worker_id: WorkerId) -> None:
         finished.append(worker_id)
 
-    drainer = Drainer(nursery, InFlight(), finish, others_busy)
+    drainer = Drainer(nursery, InFlight(), finish, others_busy, idle_poll_secs=0.1)
     worker = draining()
     assert not drainer.removable_now(worker)  # never in the DELETE's own step
     drainer.start(worker)

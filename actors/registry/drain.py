@@ -18,8 +18,8 @@ BeginDrain (so a drain is never lost, even if whoever sent the DELETE is gone be
 * **Replicas** (a shared store): in-flight counts are per replica, so nothing is removed in the
   DELETE's step; every replica drains every worker it sees turn ``draining`` (its own DELETEs
   and those it takes in from the others), and once it has nothing in flight to it records so
-  in the store (``record_idle``); the worker is removed (by whichever replica asks first) when
-  every live replica has recorded it, or at its drain timeout. A replica that stopped
+  in the store (``record_idle``); the worker is removed when every live replica has recorded
+  it (by the last one to record, at once), or at its drain timeout. A replica that stopped
   heartbeating is not live, so it never holds a drain.
 """
 
@@ -35,7 +35,6 @@ from actors.core.model import Worker, WorkerId, WorkerStatus
 from actors.dataplane.inflight import InFlight
 
 log = logging.getLogger("tmg.drain")
-IDLE_POLL_SECS = 0.05  # how often a replica looks whether the others are idle too
 
 
 class Drainer:
@@ -47,13 +46,17 @@ class Drainer:
         inflight: InFlight,
         finish: Callable[[WorkerId], Awaitable[object]],
         record_idle: Callable[[WorkerId], Awaitable[bool]] | None = None,
+        idle_poll_secs: float = 1.0,
     ) -> None:
         """``record_idle``: with a shared store, records this replica idle for a worker and
-        says whether every live replica is (see the module docstring)."""
+        says whether every live replica is (see the module docstring); asked again every
+        ``idle_poll_secs`` (the last replica to record finishes the drain at once: the poll
+        only matters when a replica stops and its lease runs out)."""
         self._nursery = nursery
         self._inflight = inflight
         self._finish = finish
         self._record_idle = record_idle
+        self._idle_poll_secs = idle_poll_secs
         self._draining: dict[WorkerId, trio.CancelScope] = {}  # each running drain's scope
 
     @property
@@ -96,7 +99,7 @@ class Drainer:
                     if self._record_idle is not None:
                         # the others' records are in the database: polled, no event to wait on
                         while not await self._record_idle(worker.id):  # noqa: ASYNC110
-                            await trio.sleep(IDLE_POLL_SECS)
+                            await trio.sleep(self._idle_poll_secs)
                 if waited.cancelled_caught:
                     what = "other replicas" if idle else "requests in flight"
                     log.warning("worker %s: drain timed out waiting for %s", worker.id, what)

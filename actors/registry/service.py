@@ -463,7 +463,13 @@ async def _open_gateway(
                 return False
             return idle
 
-        drainer = Drainer(nursery, inflight, finish_drain, record_idle if shared else None)
+        drainer = Drainer(
+            nursery,
+            inflight,
+            finish_drain,
+            record_idle if shared else None,
+            idle_poll_secs=config.replica_lease_secs / 5,
+        )
         await nursery.start(
             partial(
                 run_registry,

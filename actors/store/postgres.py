@@ -278,19 +278,18 @@ class PostgresStore:
     def record_idle(self, worker_id: str) -> bool:
         def record(conn: psycopg.Connection[Any]) -> bool:
             with conn.transaction():
-                recorded = conn.execute(
-                    "INSERT INTO tmg_drain_idle (worker_id, replica) SELECT %s, %s "
-                    "WHERE EXISTS (SELECT 1 FROM tmg_workers WHERE id = %s) "
-                    "ON CONFLICT DO NOTHING RETURNING 1",
-                    (worker_id, self.replica, worker_id),
+                # the worker's row lock orders the replicas recording it: the last one sees
+                # every other record (and finishes the drain), none waits for a poll
+                locked = conn.execute(
+                    "SELECT 1 FROM tmg_workers WHERE id = %s FOR UPDATE", (worker_id,)
                 ).fetchone()
-                if (
-                    recorded is None
-                    and not conn.execute(
-                        "SELECT 1 FROM tmg_workers WHERE id = %s", (worker_id,)
-                    ).fetchone()
-                ):
+                if locked is None:
                     return True  # gone already: nothing to wait for
+                conn.execute(
+                    "INSERT INTO tmg_drain_idle (worker_id, replica) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (worker_id, self.replica),
+                )
                 row = conn.execute(
                     "SELECT count(*) FROM tmg_replicas r WHERE r.seen_at > now() - "
                     "make_interval(secs => %s) AND NOT EXISTS (SELECT 1 FROM tmg_drain_idle d "

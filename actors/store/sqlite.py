@@ -1,14 +1,36 @@
 """SqliteStore: the registry in one SQLite file (stdlib ``sqlite3``; blocking, imports no trio).
 
-**Layout** (schema version 1)::
+**Layout** (schema version 2)::
 
     workers(id TEXT PRIMARY KEY, identity_key TEXT NOT NULL UNIQUE,
             spec_version INTEGER NOT NULL, data TEXT NOT NULL)   -- data: the plain worker, JSON
-    meta(key TEXT PRIMARY KEY, value)  -- schema_version, id_prefix, id_high_water, next_job_id
+    meta(key TEXT PRIMARY KEY, value)  -- schema_version, id_prefix, id_high_water, next_job_id,
+                                       -- change_seq (the shared mode's newest change number)
+    worker_ids(id TEXT PRIMARY KEY)    -- every id ever stored, never deleted: no reuse
+    -- only the shared mode (``actors/store/sqlite_shared.py``) writes these:
+    changes(seq INTEGER PRIMARY KEY, replica, committed_at REAL, payload)  -- the change log
+    replicas(replica TEXT PRIMARY KEY, started_at REAL, seen_at REAL)      -- heartbeats
+    drain_idle(worker_id, replica)     -- replicas with nothing in flight to a draining worker
+    jobs(worker_id TEXT PRIMARY KEY, job_id, replica)   -- who runs each active job
+    leases(name TEXT PRIMARY KEY, replica, until REAL)  -- e.g. "health": who probes workers
 
 ``identity_key`` and ``spec_version`` are copies of fields inside ``data``, as columns so that
-the database can enforce what the replicas issue will rely on (one worker per address; a
-compare-and-set on the spec version). The worker data holds ``api_key``s: protect the file.
+the database can enforce what the shared mode relies on (one worker per address; a
+compare-and-set on the spec version). The worker data (and the change log) holds ``api_key``s:
+protect the file. Times are ``time.time()`` seconds.
+
+**Ids ever stored.** A trigger on ``workers`` adds every inserted id to ``worker_ids``; an update
+(the upsert's other path) does not fire it, so a single gateway pays one index insert per new
+worker and nothing per change. The shared mode inserts a new worker's id there itself, so that an
+id ever stored is refused (the PRIMARY KEY) even after its worker was deleted. Version 1 kept
+no such table: the migration fills it from the workers then stored (ids deleted before are not
+known, but the id source's prefix and high-water mark never hand them out again anyway).
+
+**One gateway or several.** ``SqliteStore`` is one gateway's store (the exclusive lock, the
+write path below). ``SharedSqliteStore`` (``actors/store/sqlite_shared.py``) lets several gateway
+processes on one host share the file as replicas. A file moves freely between the two modes:
+a single gateway writes no change rows, but nothing is shared while it runs, and a replica
+opening the file loads all of it anyway.
 
 **Write path.** ``commit(batch)`` encodes the changed rows to JSON first (outside the
 transaction), then runs one ``BEGIN IMMEDIATE … COMMIT``: the deletes, then one upsert per
@@ -41,7 +63,8 @@ refused file does not even get the ``-wal``/``-shm`` files a WAL reader makes). 
 file stops the open with a ``StoreError`` saying what was found, and the file is never written
 (a read-only connection cannot write or checkpoint). An older version is migrated in one
 transaction (``MIGRATIONS``, one step per version), so a failed migration leaves the file as it
-was. Version 0 was the prototype layout without the ``spec_version`` column.
+was. Version 0 was the prototype layout without the ``spec_version`` column; version 1 had
+only ``workers`` and ``meta``.
 
 **Creation.** A new file is built under a temporary name in the same directory (schema,
 application id, version and meta in one transaction, WAL mode set, mode 0600 since worker
@@ -52,7 +75,8 @@ directory must exist. If ``PATH-wal`` or ``PATH-shm`` exists without
 into the new file).
 
 **Lock.** ``StateLock`` (``actors/store/lock.py``): an advisory ``flock`` on ``PATH.lock``,
-taken before anything else and released at ``close``.
+taken before anything else and released at ``close``; exclusive here, shared among replicas
+(which also serialise their set-up: see there).
 
 **Threads.** The connection is made with ``check_same_thread=False`` because it is opened in one
 thread and used in the writer's thread; calls must not overlap (the writer serialises them).
@@ -66,7 +90,7 @@ import sqlite3
 import stat
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from actors.store.base import (
     Batch,
@@ -78,12 +102,12 @@ from actors.store.base import (
 from actors.store.lock import StateLock
 
 APPLICATION_ID = 0x544D4753  # "TMGS": trio model gateway state
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEADER_SIZE = 100
 _WAL_HEADER_SIZE = 32
 
-SCHEMA = (
+_V1_TABLES = (
     """CREATE TABLE workers (
         id TEXT PRIMARY KEY,
         identity_key TEXT NOT NULL UNIQUE,
@@ -91,6 +115,42 @@ SCHEMA = (
         data TEXT NOT NULL
     )""",
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value)",
+)
+_V2_TABLES = (
+    "CREATE TABLE worker_ids (id TEXT PRIMARY KEY) WITHOUT ROWID",
+    """CREATE TRIGGER worker_ids_on_insert AFTER INSERT ON workers BEGIN
+        INSERT OR IGNORE INTO worker_ids (id) VALUES (NEW.id);
+    END""",
+    """CREATE TABLE changes (
+        seq INTEGER PRIMARY KEY,
+        replica TEXT NOT NULL,
+        committed_at REAL NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    """CREATE TABLE replicas (
+        replica TEXT PRIMARY KEY,
+        started_at REAL NOT NULL,
+        seen_at REAL NOT NULL
+    )""",
+    """CREATE TABLE drain_idle (
+        worker_id TEXT NOT NULL,
+        replica TEXT NOT NULL,
+        PRIMARY KEY (worker_id, replica)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE jobs (
+        worker_id TEXT PRIMARY KEY,
+        job_id INTEGER NOT NULL,
+        replica TEXT NOT NULL
+    )""",
+    """CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        replica TEXT NOT NULL,
+        until REAL NOT NULL
+    )""",
+)
+SCHEMA = _V1_TABLES + _V2_TABLES
+TABLES = frozenset(
+    {"workers", "meta", "worker_ids", "changes", "replicas", "drain_idle", "jobs", "leases"}
 )
 # The update leaves identity_key alone (so its index is not rewritten: half the pages of an
 # update) unless it really changed; such a row is skipped here and rewritten by _MOVE_KEY.
@@ -106,7 +166,12 @@ _SET_META = (
     "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
 _COUNTERS = ("id_high_water", "next_job_id")
-_INITIAL_META: dict[str, Any] = {"id_prefix": None, "id_high_water": 0, "next_job_id": 1}
+_INITIAL_META: dict[str, Any] = {
+    "id_prefix": None,
+    "id_high_water": 0,
+    "next_job_id": 1,
+    "change_seq": 0,
+}
 
 Synchronous = Literal["normal", "full"]
 Row = tuple[str, str, int, str]
@@ -118,15 +183,27 @@ def _v0_to_v1(conn: sqlite3.Connection) -> None:
     conn.execute("UPDATE workers SET spec_version = json_extract(data, '$.spec_version')")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _v0_to_v1}
+def _v1_to_v2(conn: sqlite3.Connection) -> None:
+    """Version 2 adds what replicas sharing the file need (see the layout): its tables, every
+    stored id in ``worker_ids``, and ``change_seq`` 0 (no change numbered yet)."""
+    for statement in _V2_TABLES:
+        conn.execute(statement)
+    conn.execute("INSERT INTO worker_ids (id) SELECT id FROM workers")
+    conn.execute(_SET_META, ("change_seq", 0))
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _v0_to_v1, 1: _v1_to_v2}
 """Version N -> N+1, each run inside the one migration transaction."""
 
 
 class SqliteStore:
-    """The SQLite store at ``path``; opening it locks, inspects, creates or migrates the file
-    (blocking). ``check=False`` skips ``PRAGMA quick_check`` at open (it reads every page)."""
+    """The SQLite store at ``path``, one gateway's; opening it locks, inspects, creates or
+    migrates the file (blocking). ``check=False`` skips ``PRAGMA quick_check`` at open (it reads
+    every page). ``busy_timeout_secs``: how long a statement waits for another connection's
+    lock (an operator's sqlite3 shell; in the shared mode, the other replicas)."""
 
     blocking = True
+    shared = False  # one writer: see SharedSqliteStore for replicas
 
     def __init__(
         self,
@@ -134,29 +211,26 @@ class SqliteStore:
         *,
         synchronous: Synchronous = "normal",
         check: bool = True,
+        busy_timeout_secs: float = 5.0,
     ) -> None:
         if synchronous not in ("normal", "full"):
             raise ValueError(f"synchronous must be 'normal' or 'full', not {synchronous!r}")
         self.path = Path(path).absolute()
         self.synchronous = synchronous
         self.check = check
+        self.busy_timeout_secs = busy_timeout_secs
         if not self.path.parent.is_dir():
             raise StoreError(self.path, f"its directory {self.path.parent} does not exist")
         if self.path.is_dir():
             raise StoreError(self.path, "is a directory, not a state file")
-        self._lock = StateLock.acquire(self.path)
+        self._conn: sqlite3.Connection | None = None
+        self._lock = StateLock.acquire(self.path, shared=self.shared)
         try:
-            self.opened_version = self._inspect() if os.path.lexists(self.path) else None
-            if self.opened_version is None:
-                self._create()
-            self._conn: sqlite3.Connection | None = self._connect()
-            if self.opened_version is not None and self.opened_version < SCHEMA_VERSION:
-                self._migrate(self._conn, self.opened_version)
+            self._conn = self._open_file()
             self._meta = self._read_meta(self._conn)
+            self._lock.settle()
         except BaseException:
-            conn = getattr(self, "_conn", None)
-            if conn is not None:
-                conn.close()
+            self._close_connections()
             self._lock.release()
             raise
 
@@ -166,27 +240,17 @@ class SqliteStore:
         conn = self._require_open()
         conn.execute("BEGIN")
         try:
-            rows = conn.execute("SELECT id, data FROM workers").fetchall()
+            workers = self._read_workers(conn)
             meta = self._read_meta(conn)
         finally:
             conn.execute("COMMIT")
-        workers: dict[str, dict[str, Any]] = {}
-        for worker_id, text in rows:
-            try:
-                data = json.loads(text)
-            except ValueError as error:
-                raise StoreError(
-                    self.path, f"worker {worker_id}: unreadable data: {error}"
-                ) from None
-            if not isinstance(data, dict) or data.get("id") != worker_id:
-                raise StoreError(self.path, f"worker {worker_id}: its data names another id")
-            workers[worker_id] = data
         return StoredState(
             workers=workers,
             id_prefix=meta["id_prefix"],
             id_high_water=meta["id_high_water"],
             next_job_id=meta["next_job_id"],
             schema_version=SCHEMA_VERSION,
+            change_seq=meta["change_seq"],
         )
 
     def commit(self, batch: Batch) -> None:
@@ -219,14 +283,12 @@ class SqliteStore:
         self._meta.update(meta)
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
         try:
-            if conn is not None:
-                conn.close()  # the last connection checkpoints the WAL into the file
+            self._close_connections()
         finally:
-            self._lock.release()
+            self._lock.release()  # last: no gateway may open the file while ours are open
 
-    def __enter__(self) -> SqliteStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -294,7 +356,27 @@ class SqliteStore:
             raise StoreError(self.path, "the store is closed")
         return self._conn
 
+    def _close_connections(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()  # the last connection checkpoints the WAL into the file
+
     # ---- open: inspect, create, connect, migrate ---------------------------------------
+
+    def _open_file(self) -> sqlite3.Connection:
+        """With the file locked and no other gateway in it: inspect it (``opened_version``),
+        create or migrate it, and connect."""
+        self.opened_version = self._inspect() if os.path.lexists(self.path) else None
+        if self.opened_version is None:
+            self._create()
+        conn = self._connect()
+        try:
+            if self.opened_version is not None and self.opened_version < SCHEMA_VERSION:
+                self._migrate(conn, self.opened_version)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _inspect(self) -> int:
         """The schema version of the existing file at ``path``, read without writing it; or
@@ -372,6 +454,9 @@ class SqliteStore:
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
         if not {"workers", "meta"} <= tables:
             raise StoreError(path, f"is corrupt: tables {sorted(tables)}, missing workers/meta")
+        if version >= 2 and TABLES - tables:
+            missing = ", ".join(sorted(TABLES - tables))
+            raise StoreError(path, f"is corrupt: schema version {version} without {missing}")
         if version >= 1:
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None or row[0] != version:
@@ -427,7 +512,7 @@ class SqliteStore:
             if mode != "wal":
                 raise StoreError(self.path, f"cannot use WAL mode here (journal mode {mode})")
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
-            conn.execute("PRAGMA busy_timeout=5000")  # an operator's sqlite3 shell, briefly
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_secs * 1000)}")
         except BaseException:
             conn.close()
             raise
@@ -452,10 +537,24 @@ class SqliteStore:
                 f"rolled back (the file is unchanged): {error}",
             ) from error
 
+    def _read_workers(self, conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+        workers: dict[str, dict[str, Any]] = {}
+        for worker_id, text in conn.execute("SELECT id, data FROM workers"):
+            try:
+                data = json.loads(text)
+            except ValueError as error:
+                raise StoreError(
+                    self.path, f"worker {worker_id}: unreadable data: {error}"
+                ) from None
+            if not isinstance(data, dict) or data.get("id") != worker_id:
+                raise StoreError(self.path, f"worker {worker_id}: its data names another id")
+            workers[worker_id] = data
+        return workers
+
     def _read_meta(self, conn: sqlite3.Connection) -> dict[str, Any]:
         meta = {**_INITIAL_META, **dict(conn.execute("SELECT key, value FROM meta").fetchall())}
         prefix = meta["id_prefix"]
-        counters = [meta[name] for name in _COUNTERS]
+        counters = [meta[name] for name in (*_COUNTERS, "change_seq")]
         if (prefix is not None and not isinstance(prefix, str)) or not all(
             isinstance(value, int) and value >= 0 for value in counters
         ):

@@ -1,0 +1,540 @@
+"""SharedSqliteStore: one SQLite file shared by several gateway processes on one host, each a
+replica (``tmg serve --processes N --state FILE``). It is the ``SharedStore`` of
+``actors/store/base.py`` with the semantics of ``actors/store/postgres.py``, on the stdlib
+``sqlite3`` (blocking; imports no trio).
+
+The file, its format, its inspection, creation and migration are ``SqliteStore``'s
+(``actors/store/sqlite.py``, whose layout lists the tables used here); this module adds what
+replicas need.
+
+**Opening.** ``StateLock`` in its shared mode (``actors/store/lock.py``): any number of replicas
+hold ``PATH.lock`` at once; a single gateway (``SqliteStore``) and replicas exclude each other.
+The first replica in (``alone``: no other gateway has the file) inspects, creates or migrates it
+as a single gateway would, and then resets the replicas' records, since nothing runs anywhere:
+no replica is alive, no lease held, no drain recorded, and every active job of a stored worker
+is recorded under no replica (``jobs``), for anyone to claim and run again. That also covers the
+jobs a single gateway started (it records none) when the file passes from one gateway to
+replicas. A replica coming later finds the file in use and set up: it only checks the
+application id, version and tables through SQLite (the raw inspection of the file would race
+the others' writes).
+
+**One writer at a time, in commit order.** A commit is one ``BEGIN IMMEDIATE … COMMIT``.
+``BEGIN IMMEDIATE`` takes SQLite's write lock at once, across all processes (WAL readers never
+wait for it), so no other replica commits between its first statement and its ``COMMIT``. The
+first statement reads the head change number (``meta.change_seq``). If it is not ``after``,
+another replica committed since this one last looked: the transaction ends having written
+nothing and ``Behind`` carries the missing changes (read afterwards, in a read transaction of
+their own); the registry applies them and decides its batch again. Else the batch is written,
+with its change row numbered head + 1 and the head moved to it. So the numbers have no gaps
+and follow commit order: nobody commits between the read of the head and the commit, and a
+transaction rolled back leaves the head as it was. A reader that has applied change N and reads
+``seq > N`` can never skip a change that commits late. A replica that does not get the write
+lock within ``busy_timeout_secs`` (another holding it that long: a hung disk) gets
+``StoreError`` (503), as for any other failure; nothing of the batch is stored.
+
+**Constraints as the backstop**, as in PostgreSQL: the unique identity key, a compare-and-set
+on ``spec_version`` for every updated worker (``Batch.versions_before``), ``worker_ids`` (a new
+worker's id is inserted there first, and refused if it was ever stored) and a checked row count
+for every delete hold the invariants even against a writer whose table is wrong; such a refusal
+rolls the batch back and becomes ``StoreError`` (503), never a half-written batch.
+
+**The feed.** Each commit writes its batch to ``changes`` under its number. The log keeps the
+last ``KEEP_CHANGES`` changes; a replica further behind gets the whole registry as one
+``Change(full=True)``. SQLite has no notifications, so ``wait_for_changes`` polls, on its own
+connection (it runs in another thread than the writer's calls; a lock keeps ``close`` from
+closing that connection under it): ``PRAGMA data_version`` every ``poll_secs`` (5 ms; it reads
+the WAL index in shared memory, microseconds), which moves whenever another connection committed
+anything. Only then is the head read, and only a moved head is news: the replicas' heartbeats,
+claims and leases commit too (every second or so each), and are none of the registry's business.
+
+**Replicas, drains, jobs, leases**: as in PostgreSQL (see there), with ``time.time()`` as the
+clock (seconds in REAL columns; the replicas share one host, so one clock). Every write is a
+``BEGIN IMMEDIATE`` transaction: one writer at a time, so ``claim_jobs`` gives a job to one
+replica only without row locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from actors.store.base import (
+    Batch,
+    Behind,
+    Change,
+    StoreError,
+    identity_key,
+    validate_batch,
+)
+from actors.store.sqlite import SCHEMA_VERSION, SqliteStore, Synchronous
+
+KEEP_CHANGES = 10_000  # changes kept in the log; a replica further behind reloads everything
+PRUNE_EVERY = 1000  # every this many changes, the log is cut back to KEEP_CHANGES
+WATCHER_CLOSE_WAIT_SECS = 5.0  # close() waits this long for a wait_for_changes to end
+
+_INSERT = "INSERT INTO workers (id, identity_key, spec_version, data) VALUES (?, ?, ?, ?)"
+_INSERT_OR_UPDATE = (
+    _INSERT + " ON CONFLICT (id) DO UPDATE SET identity_key = excluded.identity_key, "
+    "spec_version = excluded.spec_version, data = excluded.data"
+)
+_UPDATE_IF_VERSION = (
+    "UPDATE workers SET identity_key = ?, spec_version = ?, data = ? "
+    "WHERE id = ? AND spec_version = ?"
+)
+_RAISE_COUNTER = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
+)
+_KEEP_PREFIX = (
+    "INSERT INTO meta (key, value) VALUES ('id_prefix', ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = coalesce(value, excluded.value)"
+)
+_SET_HEAD = "UPDATE meta SET value = ? WHERE key = 'change_seq'"
+_ACTIVE_JOBS = (
+    "SELECT id, json_extract(data, '$.job.job_id'), '' FROM workers "
+    "WHERE json_extract(data, '$.job.state') IN ('queued', 'running')"
+)
+
+Row = tuple[str, str, int, str]
+
+
+class SharedSqliteStore(SqliteStore):
+    """The SQLite store at ``path`` as replica ``replica`` of several (see the module
+    docstring). ``replica_lease_secs``: a replica whose last heartbeat is older is no longer
+    counted as live (it holds no drain, its jobs are claimed). ``poll_secs``: how often
+    ``wait_for_changes`` looks. The other options are ``SqliteStore``'s."""
+
+    shared = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        replica: str = "gateway",
+        replica_lease_secs: float = 5.0,
+        poll_secs: float = 0.005,
+        synchronous: Synchronous = "normal",
+        check: bool = True,
+        busy_timeout_secs: float = 5.0,
+    ) -> None:
+        if poll_secs <= 0:
+            raise ValueError(f"poll_secs must be positive, not {poll_secs!r}")
+        self.replica = replica
+        self.replica_lease_secs = replica_lease_secs
+        self.poll_secs = poll_secs
+        self._closed = False
+        self._watcher: sqlite3.Connection | None = None
+        self._watched = (0, 0)  # the watcher's last data_version and head
+        self._watcher_lock = threading.Lock()
+        super().__init__(
+            path, synchronous=synchronous, check=check, busy_timeout_secs=busy_timeout_secs
+        )
+
+    # ---- the Store interface -----------------------------------------------------------
+
+    def commit(self, batch: Batch) -> None:
+        """The single-writer interface: commit after whatever the log holds (a batch written
+        without looking at other replicas' changes; the registry uses ``commit_after``)."""
+        while True:
+            with self._reading("reading the head") as conn:
+                head = self._head(conn)
+            try:
+                self.commit_after(batch, head)
+                return
+            except Behind:
+                continue
+
+    def close(self) -> None:
+        self._closed = True  # a wait_for_changes in another thread stops at its next poll
+        super().close()
+
+    # ---- the SharedStore interface -----------------------------------------------------
+
+    def commit_after(self, batch: Batch, after: int) -> int:
+        validate_batch(batch)
+        if batch.empty:
+            with self._reading("checking for newer changes") as conn:
+                head = self._head(conn)
+                missing = [] if head == after else self._changes_since(conn, after)
+            if head != after:
+                raise Behind(missing)
+            return after
+        payload = json.dumps(
+            {
+                "upserts": dict(batch.upserts),
+                "deletes": sorted(batch.deletes),
+                "id_prefix": batch.id_prefix,
+                "id_high_water": batch.id_high_water,
+                "next_job_id": batch.next_job_id,
+            },
+            separators=(",", ":"),
+        )
+        rows: list[Row] = [
+            (worker_id, identity_key(plain), plain["spec_version"], _encode(plain))
+            for worker_id, plain in batch.upserts.items()
+        ]
+        with self._transaction("a commit") as conn:
+            head = self._head(conn)
+            if head == after:
+                self._write_change(conn, batch, head + 1, rows, payload)
+        if head != after:  # nothing was written: others committed since, read what they did
+            raise Behind(self.changes_since(after))
+        return head + 1
+
+    def changes_since(self, seq: int) -> list[Change]:
+        with self._reading("reading changes") as conn:
+            return self._changes_since(conn, seq)
+
+    def wait_for_changes(self, timeout: float) -> bool:
+        """Block until another connection moved the head (True) or ``timeout`` passes (False);
+        True at once when the watching connection is (re)opened: something may have been
+        missed. Raises ``StoreError`` when the file cannot be read."""
+        with self._watcher_lock:
+            if self._closed:
+                raise StoreError(self.path, "the store is closed")
+            try:
+                if self._watcher is None:
+                    self._watcher = self._connect()
+                    self._watched = (_data_version(self._watcher), self._head(self._watcher))
+                    return True
+                return self._poll(self._watcher, timeout)
+            except sqlite3.Error as error:
+                self._close_watcher()
+                raise StoreError(self.path, f"cannot watch for changes: {error}") from None
+            finally:
+                if self._closed:  # close() gave up waiting for us: the connection is ours
+                    self._close_watcher()
+
+    # ---- replicas ----------------------------------------------------------------------
+
+    def heartbeat(self) -> list[str]:
+        with self._transaction("a heartbeat") as conn:
+            return self._beat(conn, time.time())
+
+    def record_idle(self, worker_id: str) -> bool:
+        live_since = time.time() - self.replica_lease_secs
+        with self._transaction("recording a drain idle") as conn:
+            conn.execute(
+                "INSERT INTO drain_idle (worker_id, replica) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                (worker_id, self.replica),
+            )
+            [waiting] = conn.execute(
+                "SELECT count(*) FROM replicas r WHERE r.seen_at > ? AND NOT EXISTS "
+                "(SELECT 1 FROM drain_idle d WHERE d.worker_id = ? AND d.replica = r.replica)",
+                (live_since, worker_id),
+            ).fetchone()
+        return bool(waiting == 0)
+
+    def join(self) -> None:
+        """Start as a replica: a heartbeat, and any job still recorded under this replica's
+        name (from before a restart: nothing runs here yet) is left for anyone to claim."""
+        with self._transaction("joining") as conn:
+            self._beat(conn, time.time())
+            conn.execute("UPDATE jobs SET replica = '' WHERE replica = ?", (self.replica,))
+
+    def claim_jobs(self, limit: int) -> list[tuple[str, int]]:
+        live_since = time.time() - self.replica_lease_secs
+        with self._transaction("claiming jobs") as conn:
+            rows = conn.execute(
+                "SELECT j.worker_id, j.job_id FROM jobs j WHERE j.replica <> ? "
+                "AND NOT EXISTS (SELECT 1 FROM replicas r "
+                "WHERE r.replica = j.replica AND r.seen_at > ?) "
+                "ORDER BY j.worker_id LIMIT ?",
+                (self.replica, live_since, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE jobs SET replica = ? WHERE worker_id = ?",
+                [(self.replica, worker_id) for worker_id, _ in rows],
+            )
+        return [(worker_id, int(job_id)) for worker_id, job_id in rows]
+
+    def release_job(self, worker_id: str, job_id: int) -> None:
+        with self._transaction("releasing a job") as conn:
+            conn.execute("DELETE FROM jobs WHERE worker_id = ? AND job_id = ?", (worker_id, job_id))
+
+    def hold_lease(self, name: str) -> bool:
+        now = time.time()
+        with self._transaction("holding a lease") as conn:
+            cursor = conn.execute(
+                "INSERT INTO leases (name, replica, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET replica = excluded.replica, "
+                "until = excluded.until "
+                "WHERE leases.replica = excluded.replica OR leases.until < ?",
+                (name, self.replica, now + self.replica_lease_secs, now),
+            )
+            return cursor.rowcount == 1
+
+    # ---- opening -----------------------------------------------------------------------
+
+    def _open_file(self) -> sqlite3.Connection:
+        if self._lock.alone:
+            conn = super()._open_file()
+            try:
+                self._reset_replicas(conn)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        conn = self._connect()  # others are in the file: only SQLite may read it now
+        try:
+            self.opened_version = self._check_in_use(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_in_use(self, conn: sqlite3.Connection) -> int:
+        try:
+            version = self._inspect_schema(conn)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(self.path, f"is corrupt or not a database: {error}") from None
+        if version < SCHEMA_VERSION:
+            raise StoreError(
+                self.path,
+                f"is in use by replicas of an older gateway (schema version {version}, this "
+                f"gateway's is {SCHEMA_VERSION}): stop them all to upgrade it",
+            )
+        return version
+
+    def _reset_replicas(self, conn: sqlite3.Connection) -> None:
+        """No other gateway is in the file: forget every replica, lease and drain record, and
+        leave every active job for anyone to claim (see the module docstring)."""
+        with self._transaction("resetting the replicas' records", conn):
+            for table in ("replicas", "drain_idle", "leases", "jobs"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute(f"INSERT INTO jobs (worker_id, job_id, replica) {_ACTIVE_JOBS}")
+
+    # ---- the write path ----------------------------------------------------------------
+
+    def _write_change(
+        self, conn: sqlite3.Connection, batch: Batch, seq: int, rows: list[Row], payload: str
+    ) -> None:
+        if batch.deletes:
+            deletes = [(worker_id,) for worker_id in batch.deletes]
+            deleted = conn.executemany("DELETE FROM workers WHERE id = ?", deletes).rowcount
+            if deleted != len(deletes):
+                raise sqlite3.IntegrityError(
+                    f"{len(deletes) - deleted} deleted workers were not stored"
+                )
+            conn.executemany("DELETE FROM drain_idle WHERE worker_id = ?", deletes)
+        self._record_jobs(conn, batch)
+        for worker_id, key, version, data in rows:
+            before = batch.versions_before.get(worker_id, _UNKNOWN)
+            if before is None:  # new: its id was never stored (the PRIMARY KEY says so)
+                conn.execute("INSERT INTO worker_ids (id) VALUES (?)", (worker_id,))
+                conn.execute(_INSERT, (worker_id, key, version, data))
+            elif before is _UNKNOWN:  # a writer that keeps no versions: insert or update
+                conn.execute(_INSERT_OR_UPDATE, (worker_id, key, version, data))
+            elif (
+                conn.execute(_UPDATE_IF_VERSION, (key, version, data, worker_id, before)).rowcount
+                != 1
+            ):
+                raise sqlite3.IntegrityError(
+                    f"worker {worker_id}: stored spec_version is not {before}"
+                )
+        if batch.id_prefix is not None:
+            conn.execute(_KEEP_PREFIX, (batch.id_prefix,))
+        for name in ("id_high_water", "next_job_id"):
+            value = getattr(batch, name)
+            if value is not None:
+                conn.execute(_RAISE_COUNTER, (name, value))
+        conn.execute(_SET_HEAD, (seq,))
+        conn.execute(
+            "INSERT INTO changes (seq, replica, committed_at, payload) VALUES (?, ?, ?, ?)",
+            (seq, self.replica, time.time(), payload),
+        )
+        if seq % PRUNE_EVERY == 0:
+            conn.execute("DELETE FROM changes WHERE seq <= ?", (seq - KEEP_CHANGES,))
+
+    def _record_jobs(self, conn: sqlite3.Connection, batch: Batch) -> None:
+        """Who runs each active job: a started job under this replica, an ended one (or one
+        whose worker is deleted) forgotten."""
+        over = [
+            worker_id
+            for worker_id, plain in batch.upserts.items()
+            if worker_id not in batch.started_jobs and not _job_active(plain)
+        ]
+        over += list(batch.deletes)
+        conn.executemany("DELETE FROM jobs WHERE worker_id = ?", [(w,) for w in over])
+        conn.executemany(
+            "INSERT INTO jobs (worker_id, job_id, replica) VALUES (?, ?, ?) "
+            "ON CONFLICT (worker_id) DO UPDATE SET job_id = excluded.job_id, "
+            "replica = excluded.replica",
+            [(worker_id, job_id, self.replica) for worker_id, job_id in batch.started_jobs.items()],
+        )
+
+    def _beat(self, conn: sqlite3.Connection, now: float) -> list[str]:
+        """Record this replica as seen ``now``, forget the replicas gone for ten leases (with
+        their drain records), and return the live ones."""
+        conn.execute(
+            "INSERT INTO replicas (replica, started_at, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (replica) DO UPDATE SET seen_at = excluded.seen_at",
+            (self.replica, now, now),
+        )
+        gone = now - 10 * self.replica_lease_secs
+        conn.execute(
+            "DELETE FROM drain_idle WHERE replica IN "
+            "(SELECT replica FROM replicas WHERE seen_at < ?)",
+            (gone,),
+        )
+        conn.execute("DELETE FROM replicas WHERE seen_at < ?", (gone,))
+        rows = conn.execute(
+            "SELECT replica FROM replicas WHERE seen_at > ? ORDER BY replica",
+            (now - self.replica_lease_secs,),
+        ).fetchall()
+        return [replica for (replica,) in rows]
+
+    # ---- reading changes ---------------------------------------------------------------
+
+    def _changes_since(self, conn: sqlite3.Connection, seq: int) -> list[Change]:
+        rows = conn.execute(
+            "SELECT seq, replica, payload FROM changes WHERE seq > ? ORDER BY seq", (seq,)
+        ).fetchall()
+        if rows and rows[0][0] == seq + 1:
+            return [self._change(*row) for row in rows]
+        if self._head(conn) == seq:
+            return []
+        return [self._everything(conn)]  # the log no longer reaches back to seq
+
+    def _everything(self, conn: sqlite3.Connection) -> Change:
+        meta = self._read_meta(conn)
+        return Change(
+            seq=meta["change_seq"],
+            upserts=self._read_workers(conn),
+            id_high_water=meta["id_high_water"],
+            next_job_id=meta["next_job_id"],
+            full=True,
+        )
+
+    def _change(self, seq: int, replica: str, payload: str) -> Change:
+        try:
+            data = json.loads(payload)
+            return Change(
+                seq=int(seq),
+                upserts=data["upserts"],
+                deletes=data["deletes"],
+                id_high_water=int(data["id_high_water"] or 0),
+                next_job_id=int(data["next_job_id"] or 0),
+                replica=replica,
+            )
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreError(self.path, f"change {seq}: unreadable: {error!r}") from None
+
+    def _head(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()
+        if row is None or not isinstance(row[0], int):
+            raise StoreError(self.path, f"is corrupt: change_seq is {row and row[0]!r}")
+        return row[0]
+
+    # ---- waiting for changes -----------------------------------------------------------
+
+    def _poll(self, conn: sqlite3.Connection, timeout: float) -> bool:
+        """Poll ``data_version`` until the head moved (True), ``timeout`` passed or the store
+        closed (False)."""
+        deadline = time.monotonic() + timeout
+        version, head = self._watched
+        try:
+            while not self._closed:
+                now_version = _data_version(conn)
+                if now_version != version:  # someone committed something: the head?
+                    version = now_version
+                    now_head = self._head(conn)
+                    if now_head != head:
+                        head = now_head
+                        return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                time.sleep(min(self.poll_secs, remaining))
+            return False
+        finally:
+            self._watched = (version, head)
+
+    def _close_connections(self) -> None:
+        try:
+            super()._close_connections()
+        finally:
+            # a wait_for_changes holds the lock for at most one poll once _closed is set
+            if self._watcher_lock.acquire(timeout=WATCHER_CLOSE_WAIT_SECS):
+                try:
+                    self._close_watcher()
+                finally:
+                    self._watcher_lock.release()
+
+    def _close_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.close()
+
+    # ---- transactions ------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(
+        self, what: str, conn: sqlite3.Connection | None = None
+    ) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout_secs`` for the write lock) …
+        ``COMMIT``; on any error ``ROLLBACK``, and an SQLite error becomes ``StoreError``."""
+        if conn is None:
+            conn = self._require_open()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as error:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                raise self._failure(what, error) from error
+            raise
+
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One read transaction (a consistent snapshot); an SQLite error becomes
+        ``StoreError``."""
+        conn = self._require_open()
+        try:
+            conn.execute("BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+        except sqlite3.Error as error:
+            raise self._failure(what, error) from error
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+
+    def _failure(self, what: str, error: sqlite3.Error) -> StoreError:
+        if isinstance(error, sqlite3.IntegrityError):
+            found = f"the database refused the change ({what}, rolled back): {error}"
+        elif "locked" in str(error) or "busy" in str(error):
+            found = (
+                f"{what} failed: another replica held the database longer than "
+                f"{self.busy_timeout_secs:g} s ({error})"
+            )
+        else:
+            found = f"{what} failed and was rolled back: {error}"
+        return StoreError(self.path, found)
+
+
+_UNKNOWN: Any = object()
+
+
+def _encode(plain: Any) -> str:
+    return json.dumps(plain, separators=(",", ":"))
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    """Moves whenever another connection committed to the file (``PRAGMA data_version``)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _job_active(plain: Any) -> bool:
+    job = plain.get("job")
+    return isinstance(job, dict) and job.get("state") in ("queued", "running")
