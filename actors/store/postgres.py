@@ -475,66 +475,74 @@ class PostgresStore:
             if seq != after + 1:  # others committed since: nothing of this batch is written
                 behind = True
                 raise psycopg.Rollback()
-            if batch.deletes:
-                deleted = conn.execute(
-                    "DELETE FROM tmg_workers WHERE id = ANY(%s)", (list(batch.deletes),)
-                ).rowcount
-                if deleted != len(batch.deletes):
-                    raise psycopg.IntegrityError(
-                        f"{len(batch.deletes) - deleted} deleted workers were not stored"
-                    )
+            checks: list[tuple[psycopg.Cursor[Any], int, str]] = []  # (cursor, rows, error)
+            with conn.pipeline():  # the rest in one round trip (results checked at the end)
+                self._write_rows(conn, batch, rows, checks)
                 conn.execute(
-                    "DELETE FROM tmg_drain_idle WHERE worker_id = ANY(%s)", (list(batch.deletes),)
+                    "UPDATE tmg_meta SET id_prefix = coalesce(id_prefix, %s), "
+                    "id_high_water = greatest(id_high_water, %s), "
+                    "next_job_id = greatest(next_job_id, %s) WHERE id = 1",
+                    (batch.id_prefix, batch.id_high_water or 0, batch.next_job_id or 0),
                 )
-            self._record_jobs(conn, batch)
-            for worker_id, key, version, data in rows:
-                before = batch.versions_before.get(worker_id, _UNKNOWN)
-                if before is None:  # new: its id was never stored (the PRIMARY KEY says so)
-                    conn.execute("INSERT INTO tmg_worker_ids (id) VALUES (%s)", (worker_id,))
-                    conn.execute(
-                        "INSERT INTO tmg_workers (id, identity_key, spec_version, data) "
-                        "VALUES (%s, %s, %s, %s)",
-                        (worker_id, key, version, data),
-                    )
-                    continue
-                if before is _UNKNOWN:  # a writer that keeps no versions: insert or update
-                    conn.execute(
-                        "INSERT INTO tmg_worker_ids (id) VALUES (%s) ON CONFLICT DO NOTHING",
-                        (worker_id,),
-                    )
-                    conn.execute(
-                        "INSERT INTO tmg_workers (id, identity_key, spec_version, data) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
-                        "identity_key = excluded.identity_key, "
-                        "spec_version = excluded.spec_version, data = excluded.data",
-                        (worker_id, key, version, data),
-                    )
-                    continue
+                conn.execute(
+                    "INSERT INTO tmg_changes (seq, replica, payload) VALUES (%s, %s, %s)",
+                    (seq, self.replica, payload),
+                )
+                if seq % 1000 == 0:
+                    conn.execute("DELETE FROM tmg_changes WHERE seq <= %s", (seq - KEEP_CHANGES,))
+                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+            for cursor, expected, error in checks:
+                if cursor.rowcount != expected:
+                    raise psycopg.IntegrityError(error)
+        if behind:  # read after the rollback (a full reload needs a transaction of its own)
+            raise Behind(self._changes_since(conn, after))
+        return seq
+
+    def _write_rows(
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        rows: list[tuple[str, str, int, str]],
+        checks: list[tuple[psycopg.Cursor[Any], int, str]],
+    ) -> None:
+        """The batch's deletes, job records and worker rows; each row count to check goes to
+        ``checks`` (a delete of a worker not stored, a compare-and-set that found another
+        ``spec_version``)."""
+        if batch.deletes:
+            deleted = list(batch.deletes)
+            cursor = conn.execute("DELETE FROM tmg_workers WHERE id = ANY(%s)", (deleted,))
+            checks.append((cursor, len(deleted), "a deleted worker was not stored"))
+            conn.execute("DELETE FROM tmg_drain_idle WHERE worker_id = ANY(%s)", (deleted,))
+        self._record_jobs(conn, batch)
+        for worker_id, key, version, data in rows:
+            before = batch.versions_before.get(worker_id, _UNKNOWN)
+            if before is None:  # new: its id was never stored (the PRIMARY KEY says so)
+                conn.execute("INSERT INTO tmg_worker_ids (id) VALUES (%s)", (worker_id,))
+                conn.execute(
+                    "INSERT INTO tmg_workers (id, identity_key, spec_version, data) "
+                    "VALUES (%s, %s, %s, %s)",
+                    (worker_id, key, version, data),
+                )
+            elif before is _UNKNOWN:  # a writer that keeps no versions: insert or update
+                conn.execute(
+                    "INSERT INTO tmg_worker_ids (id) VALUES (%s) ON CONFLICT DO NOTHING",
+                    (worker_id,),
+                )
+                conn.execute(
+                    "INSERT INTO tmg_workers (id, identity_key, spec_version, data) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                    "identity_key = excluded.identity_key, "
+                    "spec_version = excluded.spec_version, data = excluded.data",
+                    (worker_id, key, version, data),
+                )
+            else:
                 cursor = conn.execute(
                     "UPDATE tmg_workers SET identity_key = %s, spec_version = %s, data = %s "
                     "WHERE id = %s AND spec_version = %s",
                     (key, version, data, worker_id, before),
                 )
-                if cursor.rowcount != 1:
-                    raise psycopg.IntegrityError(
-                        f"worker {worker_id}: stored spec_version is not {before}"
-                    )
-            conn.execute(
-                "UPDATE tmg_meta SET id_prefix = coalesce(id_prefix, %s), "
-                "id_high_water = greatest(id_high_water, %s), "
-                "next_job_id = greatest(next_job_id, %s) WHERE id = 1",
-                (batch.id_prefix, batch.id_high_water or 0, batch.next_job_id or 0),
-            )
-            conn.execute(
-                "INSERT INTO tmg_changes (seq, replica, payload) VALUES (%s, %s, %s)",
-                (seq, self.replica, payload),
-            )
-            if seq % 1000 == 0:
-                conn.execute("DELETE FROM tmg_changes WHERE seq <= %s", (seq - KEEP_CHANGES,))
-            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-        if behind:  # read after the rollback (a full reload needs a transaction of its own)
-            raise Behind(self._changes_since(conn, after))
-        return seq
+                error = f"worker {worker_id}: stored spec_version is not {before}"
+                checks.append((cursor, 1, error))
 
     def _record_jobs(self, conn: psycopg.Connection[Any], batch: Batch) -> None:
         over = [
