@@ -257,3 +257,22 @@ async def test_only_the_holder_of_the_health_lease_probes_and_the_others_follow(
                 await b.wait_changed()
     assert sorted(probes.values())[0] == 0  # one replica probed, the other never did
     assert sorted(probes.values())[1] >= 1
+
+
+async def test_a_watch_on_one_replica_shows_every_change_made_through_another(
+    postgres_url: str,
+) -> None:
+    async with replicas(postgres_url, 2) as (a, b):
+        with trio.fail_after(20):
+            async with b.watch() as events:
+                assert (await events.__anext__()).kind == "synced"  # nothing yet
+                worker = await a.add_worker(worker_spec("127.0.0.1:9"))
+                await a.update_worker(worker.id, WorkerPatch(priority=3))
+                await a.remove_worker(worker.id)
+                seen = []
+                while not seen or seen[-1] != "removed":
+                    event = await events.__anext__()
+                    assert event.worker is not None and event.worker.id == worker.id
+                    seen.append(event.kind)
+    assert seen[0] == "created" and seen[-1] == "removed"  # in order (changes B took in
+    # together are one step of its feed, as a batch is in one gateway's)
