@@ -271,11 +271,12 @@ async def _run(supervisor: Supervisor, args: argparse.Namespace, port: int, stat
             }
             log.info("%d gateway processes listening on %s", len(supervisor.children), listening)
             print(json.dumps(listening), flush=True)
+            # the receiver stays open while the processes stop: a second signal is not fatal
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:
                     log.info("received %s: stopping every process", signal.Signals(signum).name)
                     break
-            await supervisor.stop_all()
+                await supervisor.stop_all()
             nursery.cancel_scope.cancel()
     finally:
         await supervisor.stop_all()

@@ -190,8 +190,10 @@ async def test_sigterm_stops_every_process_after_the_streams_in_flight_finish(
                         if len(lines) == 2:
                             assert group.process is not None
                             group.process.send_signal(signal.SIGTERM)
+            assert group.process is not None
+            code = await group.process.wait()  # once the stream and everything else ended
     finally:
-        code = await group.stop()
+        await group.stop()
     assert code == 0
     assert lines[-1] == "data: [DONE]"
     assert sum(line.startswith("data: {") for line in lines) == 30

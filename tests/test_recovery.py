@@ -121,8 +121,8 @@ def truncated(path: Path) -> str:
 def newer(path: Path) -> str:
     fill(path, 3)
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA user_version = 2")
-    return "schema version 2, newer than this gateway's 1"
+        conn.execute("PRAGMA user_version = 3")
+    return "schema version 3, newer than this gateway's 2"
 
 
 def not_sqlite(path: Path) -> str:

@@ -269,7 +269,7 @@ async def test_a_watch_on_one_replica_shows_every_change_made_through_another(
                 worker = await a.add_worker(worker_spec("127.0.0.1:9"))
                 await a.update_worker(worker.id, WorkerPatch(priority=3))
                 await a.remove_worker(worker.id)
-                seen = []
+                seen: list[str] = []
                 while not seen or seen[-1] != "removed":
                     event = await events.__anext__()
                     assert event.worker is not None and event.worker.id == worker.id

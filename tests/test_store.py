@@ -91,7 +91,7 @@ def test_a_reservation_moves_its_mark_only_when_a_value_passes_it() -> None:
 
 
 def test_the_blocking_store_modules_import_no_trio() -> None:
-    for name in ("__init__", "base", "memory", "lock", "sqlite"):
+    for name in ("__init__", "base", "memory", "lock", "sqlite", "sqlite_shared", "postgres"):
         tree = ast.parse((ROOT / "actors" / "store" / f"{name}.py").read_text())
         imported = {
             alias.name.split(".")[0]

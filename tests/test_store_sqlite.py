@@ -186,6 +186,18 @@ def test_a_changed_identity_key_is_rewritten(tmp_path: Path) -> None:
         assert keys.fetchall() == [("w1", "10.9.9.9:8000"), ("w2", "10.1.0.2:8000")]
 
 
+def test_every_id_ever_stored_is_kept_though_its_worker_is_deleted(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "state.db") as store:
+        store.commit(Batch(upserts={"w1": plain(1), "w2": plain(2)}))
+        store.commit(Batch(upserts={"w1": plain(1, 2)}, deletes=["w2"]))
+        conn = store._require_open()
+        assert conn.execute("SELECT id FROM worker_ids ORDER BY id").fetchall() == [
+            ("w1",),
+            ("w2",),
+        ]
+        assert store.load().change_seq == 0  # one gateway numbers no changes
+
+
 def test_only_the_changed_rows_are_written(tmp_path: Path) -> None:
     with SqliteStore(tmp_path / "state.db") as store:
         store.commit(
@@ -376,17 +388,21 @@ def test_a_version_0_file_is_migrated_in_one_transaction(tmp_path: Path) -> None
         state = store.load()
     assert state.workers == {"w1": plain(1, 4), "w2": plain(2, 1)}
     assert (state.id_prefix, state.id_high_water, state.next_job_id) == ("old-", 3000, 70)
-    assert columns(path) == (1, ["id", "identity_key", "data", "spec_version"])
+    assert columns(path) == (SCHEMA_VERSION, ["id", "identity_key", "data", "spec_version"])
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         assert conn.execute("SELECT id, spec_version FROM workers ORDER BY id").fetchall() == [
             ("w1", 4),
             ("w2", 1),
         ]
         assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (
-            1,
+            SCHEMA_VERSION,
         )
+        assert conn.execute("SELECT id FROM worker_ids ORDER BY id").fetchall() == [
+            ("w1",),
+            ("w2",),
+        ]
     with SqliteStore(path) as store:
-        assert store.opened_version == 1
+        assert store.opened_version == SCHEMA_VERSION
 
 
 def test_a_migration_that_fails_leaves_the_file_as_it_was(
@@ -414,9 +430,12 @@ def test_a_migration_that_fails_leaves_the_file_as_it_was(
 def test_a_newer_schema_version_is_refused_unchanged(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     fill(path, 3)
+    newer = SCHEMA_VERSION + 1
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        conn.execute("PRAGMA user_version = 2")
-    error = assert_refused(path, "schema version 2, newer than this gateway's 1")
+        conn.execute(f"PRAGMA user_version = {newer}")
+    error = assert_refused(
+        path, f"schema version {newer}, newer than this gateway's {SCHEMA_VERSION}"
+    )
     assert error.path == str(path)
 
 

@@ -1,4 +1,5 @@
-"""The tasks a replica runs beside its registry when the store is shared (PostgreSQL).
+"""The tasks a replica runs beside its registry when the store is shared (PostgreSQL, or a
+SQLite file several processes of one host open: ``tmg serve --processes``).
 
 * ``run_change_follower``: waits for the store's notifications of other replicas' commits (on
   its own connection, in a thread of its own) and then asks the registry to ``Sync`` (take in

@@ -23,7 +23,8 @@ other replicas hold the file, which they set up already. If even that fails an e
 gateway holds it (a replica setting up would hold the set-up lock, which this one has).
 ``settle`` then releases the set-up lock for the next replica. Turning ``LOCK_EX`` into
 ``LOCK_SH`` is not atomic (``flock(2)``): an exclusive opener may slip in between; then that
-replica fails with ``StoreInUse``, as it would have a moment later.
+replica fails with ``StoreInUse``, as it would have a moment later. An exclusive opener that
+comes while a replica sets up finds ``LOCK_EX`` held and no pid: "pid unknown".
 
 Why a sidecar file and ``flock``, not the database itself:
 

@@ -324,20 +324,8 @@ class SharedSqliteStore(SqliteStore):
                 )
             conn.executemany("DELETE FROM drain_idle WHERE worker_id = ?", deletes)
         self._record_jobs(conn, batch)
-        for worker_id, key, version, data in rows:
-            before = batch.versions_before.get(worker_id, _UNKNOWN)
-            if before is None:  # new: its id was never stored (the PRIMARY KEY says so)
-                conn.execute("INSERT INTO worker_ids (id) VALUES (?)", (worker_id,))
-                conn.execute(_INSERT, (worker_id, key, version, data))
-            elif before is _UNKNOWN:  # a writer that keeps no versions: insert or update
-                conn.execute(_INSERT_OR_UPDATE, (worker_id, key, version, data))
-            elif (
-                conn.execute(_UPDATE_IF_VERSION, (key, version, data, worker_id, before)).rowcount
-                != 1
-            ):
-                raise sqlite3.IntegrityError(
-                    f"worker {worker_id}: stored spec_version is not {before}"
-                )
+        for row in rows:
+            _write_worker(conn, row, batch.versions_before.get(row[0], _UNKNOWN))
         if batch.id_prefix is not None:
             conn.execute(_KEEP_PREFIX, (batch.id_prefix,))
         for name in ("id_high_water", "next_job_id"):
@@ -524,6 +512,21 @@ class SharedSqliteStore(SqliteStore):
 
 
 _UNKNOWN: Any = object()
+
+
+def _write_worker(conn: sqlite3.Connection, row: Row, before: int | None) -> None:
+    """One upserted worker; ``before``: its ``spec_version`` in the writer's table before
+    the batch (None: new; ``_UNKNOWN``: a writer that keeps no versions)."""
+    worker_id, key, version, data = row
+    if before is None:  # new: its id was never stored (worker_ids' PRIMARY KEY says so)
+        conn.execute("INSERT INTO worker_ids (id) VALUES (?)", (worker_id,))
+        conn.execute(_INSERT, row)
+    elif before is _UNKNOWN:  # insert or update, whatever is stored
+        conn.execute(_INSERT_OR_UPDATE, row)
+    else:  # compare-and-set: the stored version must be the one the writer's table had
+        updated = conn.execute(_UPDATE_IF_VERSION, (key, version, data, worker_id, before))
+        if updated.rowcount != 1:
+            raise sqlite3.IntegrityError(f"worker {worker_id}: stored spec_version is not {before}")
 
 
 def _encode(plain: Any) -> str:
