@@ -281,7 +281,6 @@ def test_the_first_replica_in_resets_the_records_of_replicas_long_gone(
     with SharedSqliteStore(path, replica="a") as old:
         old.heartbeat()
         old.hold_lease("health")
-        old.record_idle("w1")
         old.commit_after(
             Batch(
                 upserts={"w1": with_job("w1", "127.0.0.1:8001", 5, "running")},
@@ -290,6 +289,7 @@ def test_the_first_replica_in_resets_the_records_of_replicas_long_gone(
             ),
             0,
         )
+        old.record_idle("w1")
         assert jobs(path) == [("w1", 5, "a")]
     store = open_shared("b")  # nobody else in the file: nothing of the others still runs
     assert jobs(path) == [("w1", 5, "")]
@@ -507,6 +507,8 @@ def test_the_log_is_pruned_to_the_changes_kept(
 
 def test_a_drain_is_idle_once_every_live_replica_recorded_it(path: Path, open_shared: Open) -> None:
     a, b = open_shared("a", replica_lease_secs=5), open_shared("b", replica_lease_secs=5)
+    a.commit_after(new("w1", "127.0.0.1:8001"), 0)
+    a.commit_after(new("w2", "127.0.0.1:8002"), 1)
     assert a.heartbeat() == ["a"]
     assert b.heartbeat() == ["a", "b"]
     assert a.record_idle("w1") is False
@@ -525,6 +527,19 @@ def test_a_drain_is_idle_once_every_live_replica_recorded_it(path: Path, open_sh
     assert b.heartbeat() == ["a", "b"]
     assert a.record_idle("w1") is False
     assert b.record_idle("w1") is True
+
+
+def test_a_drain_of_a_worker_that_is_gone_is_over_and_records_nothing(
+    path: Path, open_shared: Open
+) -> None:
+    a, b = open_shared("a"), open_shared("b")
+    a.heartbeat()
+    b.heartbeat()
+    a.commit_after(new("w1", "127.0.0.1:8001"), 0)
+    assert a.record_idle("w1") is False
+    b.commit_after(Batch(deletes=["w1"]), 1)  # removed (by b, which never recorded)
+    assert a.record_idle("w1") is True  # nothing left to wait for
+    assert query(path, "SELECT * FROM drain_idle") == []
 
 
 def test_a_deleted_worker_takes_its_drain_records_along(path: Path, open_shared: Open) -> None:
