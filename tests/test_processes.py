@@ -201,3 +201,17 @@ async def test_sigterm_stops_every_process_after_the_streams_in_flight_finish(
         with pytest.raises(ProcessLookupError):
             os.kill(process["pid"], 0)
     assert not state_file.parent.exists()  # forgotten, as without --processes
+
+
+async def test_the_supervisor_exits_1_when_its_processes_cannot_start(tmp_path: Path) -> None:
+    missing = tmp_path / "no such folder" / "registry.db"
+    group = Supervised("--state", str(missing))
+    group.process = await trio.lowlevel.open_process(
+        group.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=group.log
+    )
+    with trio.fail_after(60):
+        code = await group.process.wait()
+    assert code == 1
+    assert "exited or stalled before it listened" in group.stderr()
+    assert "does not exist" in group.stderr()  # the process's own reason, on the same stderr
+    await group.stop()
