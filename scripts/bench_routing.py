@@ -85,7 +85,7 @@ from scripts.routing_trace import (
 )
 
 MODEL = "fake-model"
-COMPARE_POLICIES = ("round_robin", "cache_aware_legacy", "cache_aware")
+COMPARE_POLICIES = ("round_robin", "cache_aware")
 COMPARE_LOADS = ("1x", "2x")
 COMPARE_SEEDS = (1, 2)
 READY_TIMEOUT = 60.0

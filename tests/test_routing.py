@@ -532,111 +532,6 @@ def test_the_prefix_tree_tells_each_candidate_how_much_of_a_prompt_it_served(
     assert lengths == {w: n for w, n in best.items() if n}
 
 
-# cache_aware_legacy (the previous cache_aware, kept for comparison)
-
-
-def growing_load(in_flight: Counter[str]) -> Callable[[WorkerId], int]:
-    return in_flight.__getitem__
-
-
-def test_cache_aware_legacy_sends_prompts_sharing_a_long_prefix_to_the_same_worker() -> None:
-    router = Router("cache_aware_legacy")
-    in_flight: Counter[str] = Counter()  # grows by one per request, within the balance bounds
-    for i in range(20):
-        prompt = SYSTEM + f"Question {i}: what is {i} squared?"
-        in_flight[
-            router.choose(RouteRequest("m", prompt=prompt), ABC, in_flight.__getitem__).id
-        ] += 1
-
-    assert len(in_flight) == 1
-
-
-def test_cache_aware_legacy_spreads_unrelated_prompts_by_load() -> None:
-    router = Router("cache_aware_legacy")
-    in_flight: Counter[str] = Counter()
-    for i in range(30):
-        prompt = f"{i} unrelated prompt number {i}, nothing shared"
-        in_flight[
-            router.choose(RouteRequest("m", prompt=prompt), ABC, in_flight.__getitem__).id
-        ] += 1
-
-    assert in_flight == {"a": 10, "b": 10, "c": 10}
-
-
-def test_cache_aware_legacy_falls_back_to_the_least_loaded_when_one_worker_is_overloaded() -> None:
-    router = Router("cache_aware_legacy")
-    a, b = worker("a"), worker("b")
-    request = RouteRequest("m", prompt=SYSTEM + "tell me a joke")
-    assert router.choose(request, [a, b], idle) is a
-
-    assert router.choose(request, [a, b], loads({"a": 40, "b": 30})) is a  # within bounds
-    assert router.choose(request, [a, b], loads({"a": 100, "b": 80})) is a  # 100 - 80 <= 32
-    assert router.choose(request, [a, b], loads({"a": 200, "b": 150})) is a  # 200 <= 1.5 * 150
-    assert router.choose(request, [a, b], loads({"a": 100})) is b  # 100 - 0 > 32
-    assert router.choose(request, [a, b], loads({"a": 200, "b": 100})) is b  # both thresholds
-
-
-def test_cache_aware_legacy_ignores_a_match_shorter_than_the_threshold() -> None:
-    router = Router("cache_aware_legacy", cache=CacheAwareConfig(cache_threshold=0.5))
-    a, b = worker("a"), worker("b")
-    router.choose(RouteRequest("m", prompt="shared start, then one long tail"), [a, b], idle)
-
-    short = RouteRequest("m", prompt="shared start, but then a much much longer other tail")
-    assert router.choose(short, [a, b], loads({"a": 1})) is b
-    close = RouteRequest("m", prompt="shared start, then one long tale")
-    assert router.choose(close, [a, b], loads({"a": 1})) is a
-
-
-def test_cache_aware_legacy_without_a_prompt_picks_the_least_loaded_per_unit_of_weight() -> None:
-    router = Router("cache_aware_legacy")
-    light, heavy = worker("light", priority=50), worker("heavy", priority=100)
-
-    assert (
-        router.choose(RouteRequest("m"), [light, heavy], loads({"light": 2, "heavy": 3})) is heavy
-    )
-    assert (
-        router.choose(RouteRequest("m"), [light, heavy], loads({"light": 2, "heavy": 5})) is light
-    )
-    assert router.choose(RouteRequest("m"), [light, heavy], idle) is heavy  # tie: higher weight
-    assert router.cache_size("m") == 0
-
-
-def test_cache_aware_legacy_memory_stays_bounded_however_many_prompts_arrive() -> None:
-    limit = 10_000
-    router = Router("cache_aware_legacy", cache=CacheAwareConfig(max_chars_per_model=limit))
-    rng = random.Random(1)
-    for i in range(3000):  # about 600,000 characters
-        prompt = f"{i}:" + "".join(rng.choice("abcdefgh") for _ in range(200))
-        router.choose(RouteRequest("m", prompt=prompt), ABC, idle)
-        assert router.cache_size("m") <= limit
-
-    assert router.cache_size("m") > limit // 2
-    last = RouteRequest("m", prompt=prompt)
-    owner = router.choose(last, ABC, idle)
-    assert router.choose(last, ABC, loads({owner.id: 5})) is owner  # the newest is still known
-    tree = router._trees["m"]
-    assert tree.nodes <= tree.chars
-    assert tree.heap_size <= 2 * tree.nodes + 65
-
-
-def test_cache_aware_legacy_forget_removes_a_workers_cached_prompts() -> None:
-    router = Router("cache_aware_legacy")
-    a, b = worker("a"), worker("b")
-    mine = RouteRequest("m", prompt=SYSTEM + "for a")
-    theirs = RouteRequest("m", prompt="something else entirely, for b")
-    assert router.choose(mine, [a, b], idle) is a
-    assert router.choose(theirs, [a, b], loads({"a": 1})) is b
-    assert router.choose(mine, [a, b], loads({"a": 5})) is a
-
-    router.forget("a")
-
-    only_theirs = Router("cache_aware_legacy")
-    only_theirs.choose(theirs, [b], idle)
-    assert router.cache_size("m") == only_theirs.cache_size("m") > 0
-    assert router.choose(mine, [a, b], loads({"a": 5})) is b
-    assert router.choose(theirs, [a, b], loads({"b": 5})) is b
-
-
 # every policy
 
 
@@ -676,9 +571,6 @@ def test_no_candidates_is_a_value_error() -> None:
         {"affinity_weight": -1.0},
         {"affinity_chars": 0.5},
         {"min_match": 1.0},
-        {"cache_threshold": 1.5},
-        {"balance_abs_threshold": -1},
-        {"balance_rel_threshold": 0.5},
         {"max_chars_per_model": 0},
     ],
 )

@@ -50,13 +50,6 @@ weighed as if at the default priority 50, i.e. by ``50 / cost``. Per policy:
   that many fewer requests in flight. Without a prompt: ``least_load``. Every prompt is recorded
   for the chosen worker. Memory: the tree is bounded by ``max_chars_per_model``; the holders of a
   node by the workers serving the model.
-* ``cache_aware_legacy`` (the previous ``cache_aware``, kept for comparison): when the in-flight
-  counts are imbalanced (``max - min`` above ``balance_abs_threshold`` and ``max`` above
-  ``balance_rel_threshold * min``), or there is no prompt, the least loaded candidate (lowest
-  ``load / weight``; ties: higher weight, lower id). Otherwise the candidate that served the
-  longest prefix of the prompt, when that prefix is at least ``cache_threshold`` of the prompt
-  (among several: least loaded, then most recent); else the least loaded. The prompt is then
-  recorded for the chosen worker.
 """
 
 from __future__ import annotations
@@ -81,9 +74,8 @@ POLICIES = (
     "consistent_hash",
     "least_load",
     "cache_aware",
-    "cache_aware_legacy",
 )
-PROMPT_POLICIES = frozenset(("cache_aware", "cache_aware_legacy"))  # these read the prompt
+PROMPT_POLICIES = frozenset(("cache_aware",))  # these read the prompt
 AFFINITY_WEIGHT = 4.0  # cache_aware: the most in-flight requests a cached prefix makes up for
 AFFINITY_CHARS = 500.0  # cache_aware: characters of cached prefix worth one in-flight request
 DEFAULT_PRIORITY = 50  # the weight of an all-priority-0 set is DEFAULT_PRIORITY / cost
@@ -110,9 +102,6 @@ class CacheAwareConfig:
     affinity_weight: float = AFFINITY_WEIGHT  # cache_aware: see the module docstring
     affinity_chars: float = AFFINITY_CHARS  # cache_aware: see the module docstring
     min_match: float = 0.1  # cache_aware: a match of at most this fraction of a prompt is ignored
-    cache_threshold: float = 0.5  # legacy: matched prefix / prompt length to follow the cache
-    balance_abs_threshold: int = 32  # legacy
-    balance_rel_threshold: float = 1.5  # legacy
     max_chars_per_model: int = 2_000_000  # characters of prompts remembered per model
 
     def __post_init__(self) -> None:
@@ -120,9 +109,6 @@ class CacheAwareConfig:
             0.0 <= self.affinity_weight <= 1e6
             and 1.0 <= self.affinity_chars <= 1e9
             and 0.0 <= self.min_match < 1.0
-            and 0.0 <= self.cache_threshold <= 1.0
-            and self.balance_abs_threshold >= 0
-            and self.balance_rel_threshold >= 1.0
             and self.max_chars_per_model >= 1
         ):
             raise ValueError(f"out of range: {self}")
@@ -165,20 +151,6 @@ class HashRing:
             if allowed is None or owner in allowed:
                 return owner
         raise ValueError("no allowed worker on the ring")
-
-
-def _least_loaded(
-    workers: list[Worker], weights: list[float], loads: list[int], recent: dict[WorkerId, int]
-) -> int:
-    """The index of the lowest load / weight among ``recent`` (among all when it is empty);
-    ties: the most recent in ``recent``, then higher weight, then lower id."""
-    best, best_rank = -1, (0.0, 0, 0.0, "")
-    for i, worker in enumerate(workers):
-        tick = recent.get(worker.id, -1) if recent else 0
-        rank = (loads[i] / weights[i], -tick, -weights[i], worker.id)
-        if tick >= 0 and (best < 0 or rank < best_rank):
-            best, best_rank = i, rank
-    return best
 
 
 def _fair_best(rng: random.Random, scores: list[float], weights: list[float]) -> int:
@@ -278,8 +250,6 @@ class Router:
         workers, weights = _weighed(candidates)
         if name == "cache_aware":
             return self._cache_aware(request, workers, weights, load)
-        if name == "cache_aware_legacy":
-            return self._cache_aware_legacy(request, workers, weights, load)
         if len(workers) == 1:
             return workers[0]
         if name == "least_load":
@@ -370,26 +340,4 @@ class Router:
                         scores[i] += (matched - floor) * scale
             best = _fair_best(self.rng, scores, weights)
         tree.record(prompt, workers[best].id)
-        return workers[best]
-
-    def _cache_aware_legacy(
-        self, request: RouteRequest, workers: list[Worker], weights: list[float], load: Load
-    ) -> Worker:
-        prompt, config = request.prompt, self.cache
-        loads = [load(w.id) for w in workers]
-        low, high = min(loads), max(loads)
-        imbalanced = (
-            high - low > config.balance_abs_threshold and high > config.balance_rel_threshold * low
-        )
-        tree = self._trees.get(request.model)
-        hits: dict[WorkerId, int] = {}
-        if prompt and not imbalanced and tree is not None and len(workers) > 1:
-            length, hits = tree.match(prompt, [w.id for w in workers])
-            if length < config.cache_threshold * len(prompt):
-                hits = {}
-        best = _least_loaded(workers, weights, loads, hits)
-        if prompt:
-            if tree is None:
-                tree = self._trees[request.model] = PrefixTree(config.max_chars_per_model)
-            tree.record(prompt, workers[best].id)
         return workers[best]
