@@ -13,6 +13,7 @@ import trio
 
 from actors import worker_spec
 from actors.core.errors import (
+    DetectionError,
     PreconditionFailed,
     WorkerAlreadyExists,
     WorkerNotFound,
@@ -276,3 +277,25 @@ async def test_a_watch_on_one_replica_shows_every_change_made_through_another(
                     seen.append(event.kind)
     assert seen[0] == "created" and seen[-1] == "removed"  # in order (changes B took in
     # together are one step of its feed, as a batch is in one gateway's)
+
+
+class Unreachable(InstantDetector):
+    async def detect(self, spec: WorkerSpec) -> Detection:
+        await trio.lowlevel.checkpoint()
+        raise DetectionError("connection refused")
+
+
+async def test_the_recheck_of_a_failed_worker_outlives_the_replica_that_scheduled_it(
+    postgres_url: str,
+) -> None:
+    config = replace(FAST, state=postgres_url, replica_lease_secs=0.5)
+    spec = worker_spec("127.0.0.1:9", max_connection_attempts=1, recheck_interval_secs=3600)
+    with trio.fail_after(30):
+        async with open_gateway(replace(config, instance_id="b"), detector=InstantDetector()) as b:
+            async with open_gateway(replace(config, instance_id="a"), detector=Unreachable()) as a:
+                worker = await a.add_worker(spec)
+                failed = await b.wait_status(worker.id, "failed", 10)
+                assert failed.job is not None and not failed.job.active
+            # a stopped with the recheck an hour away; b takes it over within the lease
+            ready = await b.wait_status(worker.id, "ready", 20)
+            assert ready.job is not None and ready.job.job_type == "RecheckWorker"

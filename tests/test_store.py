@@ -25,6 +25,7 @@ from actors.store import (
     open_store,
     validate_batch,
 )
+from actors.store.base import owns_work
 from actors.store.writer import open_store_writer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,3 +266,26 @@ async def test_the_writer_opens_commits_and_closes_a_sqlite_file_in_its_thread(
     async with open_store_writer(partial(SqliteStore, path)) as writer:  # the lock was released
         state = await writer.load()
     assert (state.workers, state.id_prefix, state.id_high_water) == ({"a": plain("a")}, "p-", 10)
+
+
+@pytest.mark.parametrize(
+    ("plain", "owned"),
+    [
+        ({"status": "pending", "job": {"state": "queued"}, "spec": {}}, True),
+        ({"status": "ready", "job": {"state": "running"}, "spec": {}}, True),  # a PUT detecting
+        ({"status": "ready", "job": {"state": "succeeded"}, "spec": {}}, False),
+        (
+            {"status": "failed", "job": {"state": "failed"}, "spec": {"recheck_interval_secs": 30}},
+            True,
+        ),
+        (
+            {"status": "failed", "job": {"state": "failed"}, "spec": {"recheck_interval_secs": 0}},
+            False,
+        ),
+        ({"status": "failed", "job": None, "spec": {"recheck_interval_secs": 30}}, False),
+    ],
+)
+def test_a_replica_owns_an_active_job_or_a_scheduled_recheck(
+    plain: dict[str, Any], owned: bool
+) -> None:
+    assert owns_work(plain) is owned

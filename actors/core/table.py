@@ -356,8 +356,12 @@ class WorkerTable:
 
     def take_over(self, worker_id: WorkerId, job_id: int, *, now: float) -> Worker:
         """Run a job again from its first attempt under a new job id (its replica stopped:
-        a late result of the first run is stale). Refused (StaleJob) if it is over."""
+        a late result of the first run is stale); for a failed worker whose recheck that
+        replica had scheduled, the recheck now. Refused (StaleJob) if it is over."""
         worker = self._require(worker_id)
+        ended = worker.job
+        if worker.status is WorkerStatus.FAILED and ended is not None and not ended.active:
+            return self.recheck(worker_id, job_id, now=now)
         job = require_job(worker, job_id)
         self._jobs.require_slot()
         spec = worker.spec

@@ -498,7 +498,8 @@ async def _open_gateway(
                     await gateway._ask(TakeOverJob(worker_id=worker_id, job_id=job_id))
                 except (RegistryBusy, StoreUnavailable, RegistryTimeout, GatewayStopped):
                     raise TakeOverLater() from None
-                except RegistryError:  # over, or the worker is gone
+                except RegistryError as error:  # over, or the worker is gone
+                    log.info("job %d of worker %s is not taken over: %s", job_id, worker_id, error)
                     return False
                 return True
 

@@ -24,6 +24,7 @@ most 1,000 ids per restart out of a 48-bit counter.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,50 @@ class SharedStore(Store, Protocol):
     def release_job(self, worker_id: WorkerId, job_id: int) -> None: ...
 
     def hold_lease(self, name: str) -> bool: ...
+
+
+def change_payload(batch: Batch) -> str:
+    """A batch as a shared store keeps it in its change log (JSON)."""
+    return json.dumps(
+        {
+            "upserts": dict(batch.upserts),
+            "deletes": sorted(batch.deletes),
+            "id_prefix": batch.id_prefix,
+            "id_high_water": batch.id_high_water,
+            "next_job_id": batch.next_job_id,
+        },
+        separators=(",", ":"),
+    )
+
+
+def change_from_payload(seq: int, replica: str, payload: str) -> Change:
+    """The ``Change`` numbered ``seq`` from its log entry; ValueError if it is unreadable."""
+    try:
+        data = json.loads(payload)
+        return Change(
+            seq=int(seq),
+            upserts=data["upserts"],
+            deletes=data["deletes"],
+            id_high_water=int(data["id_high_water"] or 0),
+            next_job_id=int(data["next_job_id"] or 0),
+            replica=replica,
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"change {seq}: unreadable: {error!r}") from None
+
+
+def owns_work(plain: PlainWorker) -> bool:
+    """Whether a replica is working on this worker (a shared store keeps a job record for it,
+    to be claimed if that replica stops): an active job, or a failed registration whose
+    recheck that replica has scheduled."""
+    job = plain.get("job")
+    if not isinstance(job, Mapping):
+        return False
+    if job.get("state") in ("queued", "running"):
+        return True
+    spec = plain.get("spec")
+    rechecked = isinstance(spec, Mapping) and bool(spec.get("recheck_interval_secs"))
+    return plain.get("status") == "failed" and rechecked
 
 
 def is_postgres_url(text: str) -> bool:

@@ -70,8 +70,11 @@ from actors.store.base import (
     Change,
     StoredState,
     StoreError,
+    change_from_payload,
+    change_payload,
     identity_key,
     is_postgres_url,
+    owns_work,
     validate_batch,
 )
 
@@ -215,16 +218,7 @@ class PostgresStore:
         validate_batch(batch)
         if batch.empty:
             return self._call(lambda conn: self._check_head(conn, after))
-        payload = json.dumps(
-            {
-                "upserts": batch.upserts,
-                "deletes": sorted(batch.deletes),
-                "id_prefix": batch.id_prefix,
-                "id_high_water": batch.id_high_water,
-                "next_job_id": batch.next_job_id,
-            },
-            separators=(",", ":"),
-        )
+        payload = change_payload(batch)
         rows = [
             (worker_id, identity_key(plain), plain["spec_version"], json.dumps(plain))
             for worker_id, plain in batch.upserts.items()
@@ -548,7 +542,7 @@ class PostgresStore:
         over = [
             worker_id
             for worker_id, plain in batch.upserts.items()
-            if worker_id not in batch.started_jobs and not _job_active(plain)
+            if worker_id not in batch.started_jobs and not owns_work(plain)
         ]
         over += list(batch.deletes)
         if over:
@@ -587,17 +581,9 @@ class PostgresStore:
 
     def _change(self, seq: int, replica: str, payload: str) -> Change:
         try:
-            data = json.loads(payload)
-            return Change(
-                seq=int(seq),
-                upserts=data["upserts"],
-                deletes=data["deletes"],
-                id_high_water=int(data["id_high_water"] or 0),
-                next_job_id=int(data["next_job_id"] or 0),
-                replica=replica,
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise StoreError(self.name, f"change {seq}: unreadable: {error!r}") from None
+            return change_from_payload(seq, replica, payload)
+        except ValueError as error:
+            raise StoreError(self.name, str(error)) from None
 
     def _decode(self, worker_id: str, text: str) -> dict[str, Any]:
         try:
@@ -610,11 +596,6 @@ class PostgresStore:
 
 
 _UNKNOWN: Any = object()
-
-
-def _job_active(plain: Any) -> bool:
-    job = plain.get("job")
-    return isinstance(job, dict) and job.get("state") in ("queued", "running")
 
 
 def _reason(error: psycopg.Error) -> str:

@@ -74,7 +74,10 @@ from actors.store.base import (
     Behind,
     Change,
     StoreError,
+    change_from_payload,
+    change_payload,
     identity_key,
+    owns_work,
     validate_batch,
 )
 from actors.store.sqlite import SCHEMA_VERSION, SqliteStore, Synchronous
@@ -176,16 +179,7 @@ class SharedSqliteStore(SqliteStore):
             if head != after:
                 raise Behind(missing)
             return after
-        payload = json.dumps(
-            {
-                "upserts": dict(batch.upserts),
-                "deletes": sorted(batch.deletes),
-                "id_prefix": batch.id_prefix,
-                "id_high_water": batch.id_high_water,
-                "next_job_id": batch.next_job_id,
-            },
-            separators=(",", ":"),
-        )
+        payload = change_payload(batch)
         rows: list[Row] = [
             (worker_id, identity_key(plain), plain["spec_version"], _encode(plain))
             for worker_id, plain in batch.upserts.items()
@@ -361,7 +355,7 @@ class SharedSqliteStore(SqliteStore):
         over = [
             worker_id
             for worker_id, plain in batch.upserts.items()
-            if worker_id not in batch.started_jobs and not _job_active(plain)
+            if worker_id not in batch.started_jobs and not owns_work(plain)
         ]
         over += list(batch.deletes)
         conn.executemany("DELETE FROM jobs WHERE worker_id = ?", [(w,) for w in over])
@@ -417,17 +411,9 @@ class SharedSqliteStore(SqliteStore):
 
     def _change(self, seq: int, replica: str, payload: str) -> Change:
         try:
-            data = json.loads(payload)
-            return Change(
-                seq=int(seq),
-                upserts=data["upserts"],
-                deletes=data["deletes"],
-                id_high_water=int(data["id_high_water"] or 0),
-                next_job_id=int(data["next_job_id"] or 0),
-                replica=replica,
-            )
-        except (ValueError, KeyError, TypeError) as error:
-            raise StoreError(self.path, f"change {seq}: unreadable: {error!r}") from None
+            return change_from_payload(seq, replica, payload)
+        except ValueError as error:
+            raise StoreError(self.path, str(error)) from None
 
     def _head(self, conn: sqlite3.Connection) -> int:
         row = conn.execute("SELECT value FROM meta WHERE key = 'change_seq'").fetchone()
@@ -553,8 +539,3 @@ def _encode(plain: Any) -> str:
 def _data_version(conn: sqlite3.Connection) -> int:
     """Moves whenever another connection committed to the file (``PRAGMA data_version``)."""
     return int(conn.execute("PRAGMA data_version").fetchone()[0])
-
-
-def _job_active(plain: Any) -> bool:
-    job = plain.get("job")
-    return isinstance(job, dict) and job.get("state") in ("queued", "running")
