@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import replace
 from typing import Any
 
+import psycopg
 import pytest
 import trio
 
@@ -299,3 +300,32 @@ async def test_the_recheck_of_a_failed_worker_outlives_the_replica_that_schedule
             # a stopped with the recheck an hour away; b takes it over within the lease
             ready = await b.wait_status(worker.id, "ready", 20)
             assert ready.job is not None and ready.job.job_type == "RecheckWorker"
+
+
+async def test_an_unreadable_change_in_the_log_is_refused_with_503_and_the_replica_serves_on(
+    postgres_url: str,
+) -> None:
+    async with replicas(postgres_url, 1) as (a,):
+        with trio.fail_after(20):
+            worker = await a.add_worker(worker_spec("127.0.0.1:9"))
+            foreign = '{"upserts": {"x": {"id": "x", "spec": "???"}}, "deletes": [], ' + (
+                '"id_prefix": null, "id_high_water": 0, "next_job_id": 0}'
+            )
+
+            def write_foreign_change() -> None:  # not a gateway's doing
+                with psycopg.connect(postgres_url, autocommit=True) as conn:
+                    seq = conn.execute(
+                        "UPDATE tmg_meta SET change_seq = change_seq + 1 RETURNING change_seq"
+                    ).fetchone()
+                    assert seq is not None
+                    conn.execute(
+                        "INSERT INTO tmg_changes (seq, replica, payload) VALUES (%s, 'x', %s)",
+                        (seq[0], foreign),
+                    )
+
+            await trio.to_thread.run_sync(write_foreign_change)
+            with pytest.raises(StoreUnavailable):
+                await a.add_worker(worker_spec("127.0.0.1:10"))
+            assert a.get_worker(worker.id).id == worker.id  # reads go on
+            with pytest.raises(StoreUnavailable):
+                await a.update_worker(worker.id, WorkerPatch(priority=2))

@@ -55,7 +55,7 @@ from actors.core.commands import (
 )
 from actors.core.errors import GatewayError
 from actors.core.jobs import UuidSource
-from actors.core.model import Worker, WorkerId, WorkerStatus
+from actors.core.model import Worker, WorkerId, WorkerSpec, WorkerStatus
 from actors.core.snapshot import RegistrySnapshot
 from actors.core.table import Changes, WorkerTable
 from actors.registry.drain import Drainer
@@ -195,19 +195,15 @@ class Journal:
 
     def absorb(self, changes: list[Change]) -> tuple[list[Effect], list[Worker]]:
         """Take in other replicas' committed changes, in order: the effects for this replica
-        (jobs of its own to cancel, workers to forget) and the workers now draining."""
+        (jobs of its own to cancel, workers to forget) and the workers now draining. Every
+        change is decoded before any is taken in: one that cannot be read (not written by a
+        gateway of this version) raises ``StoreError`` and nothing changes."""
+        decoded = [(change, self._decode(change)) for change in changes]
         effects: list[Effect] = []
         touched: set[WorkerId] = set()
-        for change in changes:
+        for change, upserts in decoded:
             if change.seq <= self.applied and not change.full:
                 continue
-            upserts = {
-                worker_id: (
-                    worker_from_plain(plain),
-                    None if plain.get("replacing") is None else spec_from_plain(plain["replacing"]),
-                )
-                for worker_id, plain in change.upserts.items()
-            }
             effects += self._table.absorb(
                 upserts,
                 change.deletes,
@@ -224,6 +220,21 @@ class Journal:
             and worker.status is WorkerStatus.DRAINING
         ]
         return effects, draining
+
+    def _decode(self, change: Change) -> dict[WorkerId, tuple[Worker, WorkerSpec | None]]:
+        upserts = {}
+        for worker_id, plain in change.upserts.items():
+            try:
+                worker = worker_from_plain(plain)
+                replacing = plain.get("replacing")
+                spec = None if replacing is None else spec_from_plain(replacing)
+            except (KeyError, ValueError, TypeError, AttributeError) as error:
+                where = f"change {change.seq}, worker {worker_id}"
+                raise StoreError("the shared store", f"{where}: unreadable: {error!r}") from None
+            if worker.id != worker_id:
+                raise StoreError("the shared store", f"change {change.seq}: ids disagree")
+            upserts[worker_id] = (worker, spec)
+        return upserts
 
 
 async def run_registry(
@@ -303,11 +314,14 @@ async def run_registry(
                 break
             except Behind as behind:  # decided on a stale table: take the news in, again
                 table.undo(changes)
-                carry_out(*journal.absorb(behind.changes))
-                fresh = True
-                if catch_ups < MAX_CATCH_UPS:
-                    continue
-                error: StoreError | None = None
+                try:
+                    carry_out(*journal.absorb(behind.changes))
+                    fresh = True
+                    if catch_ups < MAX_CATCH_UPS:
+                        continue
+                    error: StoreError | None = None
+                except StoreError as unreadable:
+                    error = unreadable
             except StoreError as refused:
                 table.undo(changes)
                 error = refused
