@@ -33,11 +33,18 @@ SPELLINGS = ("127.0.0.1:{port}", "http://127.0.0.1:{port}", "HTTP://127.0.0.1:{p
 
 
 @asynccontextmanager
-async def replicas(url: str, count: int, **config: Any) -> AsyncIterator[list[Gateway]]:
+async def replicas(
+    url: str, count: int, *, instant: bool = False, **config: Any
+) -> AsyncIterator[list[Gateway]]:
+    """``count`` gateways on one database; ``instant``: detection always succeeds at once
+    (addresses nothing listens on become ready), else the real detector."""
     async with AsyncExitStack() as stack:
         gateways = [
             await stack.enter_async_context(
-                open_gateway(replace(FAST, state=url, instance_id=f"replica-{n}", **config))
+                open_gateway(
+                    replace(FAST, state=url, instance_id=f"replica-{n}", **config),
+                    detector=InstantDetector() if instant else None,
+                )
             )
             for n in range(count)
         ]
@@ -329,3 +336,18 @@ async def test_an_unreadable_change_in_the_log_is_refused_with_503_and_the_repli
             assert a.get_worker(worker.id).id == worker.id  # reads go on
             with pytest.raises(StoreUnavailable):
                 await a.update_worker(worker.id, WorkerPatch(priority=2))
+
+
+async def test_a_delete_of_an_idle_ready_worker_has_it_gone_everywhere_when_it_returns(
+    postgres_url: str,
+) -> None:
+    async with replicas(postgres_url, 3, instant=True) as (a, b, c):
+        with trio.fail_after(20):
+            for _ in range(5):
+                worker = await a.add_worker(worker_spec("127.0.0.1:9"))
+                for gateway in (a, b, c):
+                    await gateway.wait_status(worker.id, "ready", 10)
+                await a.remove_worker(worker.id)
+                assert a.snapshot.get(worker.id) is None  # removed, not still draining
+                again = await b.add_worker(worker_spec("http://127.0.0.1:9"))  # no 409
+                await b.remove_worker(again.id)

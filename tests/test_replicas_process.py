@@ -184,7 +184,7 @@ async def test_a_stream_through_b_finishes_while_a_deletes_its_worker_then_it_is
         worker_id = posted.json()["worker_id"]
         for client in clients:
             await wait_ready(client, worker_id)
-        body = {**CHAT, "stream": True, "max_tokens": 30}
+        body = {**CHAT, "stream": True, "max_tokens": 60}  # 3 s: longer than a DELETE waits
         lines: list[str] = []
         async with b.stream("POST", "/v1/chat/completions", json=body) as streamed:
             assert streamed.status_code == 200
@@ -205,7 +205,7 @@ async def test_a_stream_through_b_finishes_while_a_deletes_its_worker_then_it_is
                     assert refused.status_code == 503  # nothing new is routed to it
                     assert (await a.get(f"/workers/{worker_id}")).status_code == 200
         assert lines[-1] == "data: [DONE]"
-        assert sum(line.startswith("data: {") for line in lines) == 30  # the whole stream
+        assert sum(line.startswith("data: {") for line in lines) == 60  # the whole stream
         for client in clients:
             gone = await client.get(
                 f"/workers/{worker_id}", params={"wait_for": "ready", "timeout_secs": 10}

@@ -86,6 +86,7 @@ from actors.store.writer import StoreWriter, open_store_writer
 T = TypeVar("T")
 StoreOption = Store | Callable[[], Store] | None
 log = logging.getLogger("tmg.gateway")
+REPLICA_DELETE_WAIT_SECS = 1.0  # a DELETE's wait for the other replicas' drains (see there)
 Forward = Callable[[ProxyRequest, Responder], Awaitable[Refusal | None]]
 
 
@@ -201,9 +202,17 @@ class Gateway:
     async def remove_worker(self, worker_id: WorkerId) -> Worker:
         """DELETE: a pending or failed worker is gone when this returns, and so is an idle
         ready one; a busy ready one drains (no new requests) and is removed once idle or after
-        its drain timeout (``actors/registry/drain.py``)."""
+        its drain timeout (``actors/registry/drain.py``). With replicas, an idle ready worker
+        is removed once every replica has nothing in flight to it: this waits up to
+        ``REPLICA_DELETE_WAIT_SECS`` for that, so that in the usual case (idle everywhere) it
+        is gone when this returns, as with one gateway."""
         require_worker_id(worker_id)
-        return await self._ask(BeginDrain(worker_id=worker_id))
+        worker = await self._ask(BeginDrain(worker_id=worker_id))
+        if self.shared and worker.status is WorkerStatus.DRAINING:
+            with trio.move_on_after(REPLICA_DELETE_WAIT_SECS):
+                while self._snapshot.get(worker_id) is not None:
+                    await self._wait_worker_changed(worker_id)
+        return worker
 
     async def sync(self) -> None:
         """With a shared store: return once every change other replicas committed before the
