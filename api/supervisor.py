@@ -22,9 +22,13 @@ process may run on), each a replica sharing one registry, all listening on the s
 * **Restarts.** A process that dies is started again after a backoff (0.5 s doubling to 30 s,
   back to the start once it ran 30 s), under the same replica name, so any job it left is taken
   over at once (``join``).
-* **Stop.** SIGTERM or SIGINT is passed on to every process, which stops gracefully (requests
-  in flight, streams included, finish within ``--shutdown-grace-secs``); the supervisor waits
-  for them (SIGKILL after the grace and a margin) and exits 0.
+* **Stop.** SIGTERM or SIGINT (from the start, also while the processes start) is passed on to
+  every process, which stops gracefully (requests in flight, streams included, finish within
+  ``--shutdown-grace-secs``); the supervisor waits for them (SIGKILL after the grace and a
+  margin) and exits 0. A supervisor killed with SIGKILL leaves its processes running (they
+  are ordinary replicas; stop them by their pids). ``prctl(PR_SET_PDEATHSIG)`` would tie them
+  to it, but trio starts processes from a worker thread, and the signal follows that thread,
+  which the thread cache ends when idle.
 """
 
 from __future__ import annotations
@@ -122,6 +126,8 @@ class Supervisor:
             except StartFailed as error:
                 if child.starts == 0:
                     raise
+                if self.stopping:  # SIGTERM reached it before it listened
+                    return
                 log.error("process %d: %s", child.index, error)
             else:
                 if child.starts == 0:
@@ -142,10 +148,15 @@ class Supervisor:
             failures += 1
             delay = min(BACKOFF_INITIAL_SECS * 2 ** (failures - 1), BACKOFF_MAX_SECS)
             await trio.sleep(delay)
+            if self.stopping:
+                return
 
     async def _start(self, child: Child) -> None:
         process = await trio.lowlevel.open_process(
-            child.command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            child.command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )
         child.process = process
         assert process.stdout is not None
@@ -253,31 +264,50 @@ async def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def _run(supervisor: Supervisor, args: argparse.Namespace, port: int, state: str) -> int:
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                for child in supervisor.children:  # one by one: the first creates the schema
-                    await nursery.start(supervisor.run_child, child)
-            except StartFailed as error:
-                print(f"tmg serve: {error}", file=sys.stderr)
-                supervisor.failed.append(str(error))
-                nursery.cancel_scope.cancel()
-                return 1
-            listening = {
-                "listening": f"http://{host}:{port}",
-                "processes": [child.describe() for child in supervisor.children],
-                "state": state,
-            }
-            log.info("%d gateway processes listening on %s", len(supervisor.children), listening)
-            print(json.dumps(listening), flush=True)
-            # the receiver stays open while the processes stop: a second signal is not fatal
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s: stopping every process", signal.Signals(signum).name)
-                    break
+    # signals are ours from the start (a SIGTERM while the processes start stops them all), and
+    # the receiver stays open while they stop: a second signal is not fatal
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                stop = trio.Event()
+
+                async def wait_for_signal() -> None:
+                    async for signum in signals:
+                        log.info("received %s: stopping every process", signal.Signals(signum).name)
+                        stop.set()
+                        return
+
+                nursery.start_soon(wait_for_signal)
+                with trio.CancelScope() as starting:
+                    nursery.start_soon(_cancel_when, stop, starting)
+                    try:
+                        for child in supervisor.children:  # one by one: the first makes the schema
+                            await nursery.start(supervisor.run_child, child)
+                    except StartFailed as error:
+                        print(f"tmg serve: {error}", file=sys.stderr)
+                        supervisor.failed.append(str(error))
+                        nursery.cancel_scope.cancel()
+                        return 1
+                    _announce(supervisor, args, port, state)
+                    await stop.wait()
                 await supervisor.stop_all()
-            nursery.cancel_scope.cancel()
-    finally:
-        await supervisor.stop_all()
+                nursery.cancel_scope.cancel()
+        finally:
+            await supervisor.stop_all()
     return 0
+
+
+async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _announce(supervisor: Supervisor, args: argparse.Namespace, port: int, state: str) -> None:
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    listening = {
+        "listening": f"http://{host}:{port}",
+        "processes": [child.describe() for child in supervisor.children],
+        "state": state,
+    }
+    log.info("%d gateway processes listening on %s", len(supervisor.children), listening)
+    print(json.dumps(listening), flush=True)

@@ -13,17 +13,32 @@ import pytest
 import trio
 
 from actors import worker_spec
+from actors.core.codec import worker_to_plain
+from actors.core.commands import StartJob
 from actors.core.errors import (
     DetectionError,
     PreconditionFailed,
     WorkerAlreadyExists,
     WorkerNotFound,
 )
-from actors.core.model import Detection, WorkerPatch, WorkerSpec, WorkerStatus
+from actors.core.jobs import UuidSource
+from actors.core.model import (
+    Detection,
+    JobState,
+    JobStatus,
+    JobType,
+    Worker,
+    WorkerPatch,
+    WorkerSpec,
+    WorkerStatus,
+)
+from actors.core.table import WorkerTable
 from actors.core.urls import WorkerUrl
 from actors.dataplane.client import request, stream
-from actors.registry.registry import StoreUnavailable
+from actors.registry.registry import Journal, StoreUnavailable
 from actors.registry.service import Gateway, open_gateway
+from actors.store.base import Change, StoredState
+from actors.store.writer import StoreWriter
 from scripts.fake_detector import InstantDetector
 from scripts.postgres_server import PostgresServer
 from tests.conftest import FAST, StartWorkers
@@ -351,3 +366,27 @@ async def test_a_delete_of_an_idle_ready_worker_has_it_gone_everywhere_when_it_r
                 assert a.snapshot.get(worker.id) is None  # removed, not still draining
                 again = await b.add_worker(worker_spec("http://127.0.0.1:9"))  # no 409
                 await b.remove_worker(again.id)
+
+
+def test_our_own_change_coming_back_from_the_log_runs_the_jobs_it_started() -> None:
+    """A commit answered with an error (the connection dropped during COMMIT) but stored:
+    its change comes back through the log, and the jobs it started are run here, since no
+    other replica claims the jobs of a live one."""
+
+    class OneOfReplicas:
+        shared, blocking, replica = True, False, "me"
+
+    table = WorkerTable()
+    ids = UuidSource()
+    journal = Journal(StoreWriter(OneOfReplicas(), None), table, ids, StoredState(workers={}))  # type: ignore[arg-type]
+    job = JobStatus(job_id=5, job_type=JobType.ADD, state=JobState.QUEUED, updated_at=1.0)
+    pending = Worker.pending(id=ids(), spec=worker_spec("127.0.0.1:9"), job=job, now=1.0)
+    plain = worker_to_plain(pending)
+    ours = Change(seq=1, upserts={pending.id: plain}, replica="me", next_job_id=6)
+    effects, _ = journal.absorb([ours])
+    assert [(e.worker_id, e.job_id) for e in effects if isinstance(e, StartJob)] == [
+        (pending.id, 5)
+    ]
+    theirs = Change(seq=2, upserts={pending.id: plain}, replica="other", next_job_id=6)
+    effects, _ = journal.absorb([theirs])
+    assert not [e for e in effects if isinstance(e, StartJob)]  # theirs run theirs

@@ -25,7 +25,7 @@ from actors.store import (
     open_store,
     validate_batch,
 )
-from actors.store.base import owns_work
+from actors.store.base import change_from_payload, change_payload, owns_work
 from actors.store.writer import open_store_writer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -289,3 +289,31 @@ def test_a_replica_owns_an_active_job_or_a_scheduled_recheck(
     plain: dict[str, Any], owned: bool
 ) -> None:
     assert owns_work(plain) is owned
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"upserts": [], "deletes": []}',
+        '{"upserts": {}, "deletes": null}',
+        '{"upserts": {"w": 1}, "deletes": []}',
+        '{"upserts": {}, "deletes": [7]}',
+        '{"upserts": {}}',
+        "not json",
+    ],
+)
+def test_a_change_log_entry_of_the_wrong_shape_is_a_value_error(payload: str) -> None:
+    with pytest.raises(ValueError, match="change 3"):
+        change_from_payload(3, "r", payload)
+
+
+def test_a_batch_goes_through_the_change_log_unchanged() -> None:
+    batch = Batch(upserts={"a": plain("a")}, deletes=["b"], id_high_water=5, next_job_id=9)
+    change = change_from_payload(4, "r", change_payload(batch))
+    assert (change.seq, change.replica, change.upserts, list(change.deletes)) == (
+        4,
+        "r",
+        {"a": plain("a")},
+        ["b"],
+    )
+    assert (change.id_high_water, change.next_job_id, change.full) == (5, 9, False)

@@ -694,7 +694,7 @@ def test_a_lease_has_one_holder_until_it_runs_out(path: Path, open_shared: Open)
     assert a.hold_lease("health")
     assert not b.hold_lease("health")
     assert a.hold_lease("health")  # renewed
-    execute(path, "UPDATE leases SET until = ?", (time.time() - 1,))
+    execute(path, "UPDATE leases SET until = ?", (time.clock_gettime(time.CLOCK_BOOTTIME) - 1,))
     assert b.hold_lease("health")
     assert not a.hold_lease("health")
 
@@ -825,3 +825,25 @@ def test_two_replica_processes_commit_in_turn_and_see_each_others_changes(path: 
         changes = store.changes_since(0)
     assert [change.seq for change in changes] == list(range(1, 2 * rounds + 1))
     assert [change.replica for change in changes] == ["a", "b"] * rounds
+
+
+def test_the_first_replica_in_keeps_a_failed_workers_scheduled_recheck_for_anyone(
+    path: Path, open_shared: Open
+) -> None:
+    failed = {
+        **with_job("w1", "127.0.0.1:8001", 4, "failed"),
+        "status": "failed",
+        "spec": {"url": "127.0.0.1:8001", "recheck_interval_secs": 30},
+    }
+    running = with_job("w1", "127.0.0.1:8001", 4, "running")
+    with SharedSqliteStore(path, replica="a") as old:
+        started = Batch(
+            upserts={"w1": running}, versions_before={"w1": None}, started_jobs={"w1": 4}
+        )
+        old.commit_after(started, 0)
+        old.commit_after(Batch(upserts={"w1": failed}, versions_before={"w1": 1}), 1)
+        assert jobs(path) == [("w1", 4, "a")]  # its recheck is a's to run
+    again = open_shared("b")  # every replica stopped and one came back
+    assert jobs(path) == [("w1", 4, "")]  # left for anyone, not forgotten
+    again.heartbeat()
+    assert again.claim_jobs(10) == [("w1", 4)]

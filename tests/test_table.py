@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import pytest
@@ -21,6 +22,7 @@ from actors.core.commands import (
     SetHealth,
     StartAttempt,
     StartJob,
+    TakeOverJob,
     UpdateSpec,
 )
 from actors.core.errors import (
@@ -996,3 +998,44 @@ def test_snapshot_select_filters_by_model_status_and_type_in_registration_order(
     assert [w.id for w in snapshot.select(status=WorkerStatus.READY)] == [first.id, third.id]
     assert [w.id for w in snapshot.select(worker_type=WorkerType.PREFILL)] == [pending.id]
     assert snapshot.select(model="m2", status=WorkerStatus.PENDING) == []
+
+
+# ---- another replica's changes (absorb) ------------------------------------------------------
+
+
+def test_absorbing_another_replicas_change_cancels_the_job_it_ended_or_superseded() -> None:
+    ours, theirs = WorkerTable(), WorkerTable()
+    created = run(ours, CreateWorker(spec=spec("10.0.0.1:8000")))
+    ours.take_effects()
+    ours.take_changes()
+    assert created.job is not None and created.job.active
+    # the other replica's view of the same worker, its job now cancelled (not superseded)
+    cancelled = replace(created, job=replace(created.job, state=JobState.CANCELLED))
+    effects = ours.absorb({created.id: (cancelled, None)}, (), next_job_id=1)
+    assert effects == [CancelJob(worker_id=created.id, job_id=created.job.job_id)]
+    assert ours.get(created.id) == cancelled
+    assert ours.take_changes().empty  # stored already: nothing to write back
+    # removed there: whatever works on it here stops, and the job ids never go back
+    effects = theirs.absorb({created.id: (created, None)}, (), next_job_id=7)
+    assert effects == [] and theirs.next_job_id == 7
+    assert theirs.absorb({}, [created.id], next_job_id=2) == [
+        CancelJob(worker_id=created.id, job_id=None)
+    ]
+    assert theirs.get(created.id) is None and theirs.next_job_id == 7
+
+
+def test_a_take_over_runs_a_stopped_replicas_job_again_or_its_recheck() -> None:
+    table = WorkerTable()
+    worker = run(table, CreateWorker(spec=spec("10.0.0.1:8000", recheck_interval_secs=60)))
+    table.take_effects()
+    assert worker.job is not None
+    again = run(table, TakeOverJob(worker_id=worker.id, job_id=worker.job.job_id))
+    assert again.job is not None and again.job.job_id != worker.job.job_id
+    [start] = table.take_effects()
+    assert isinstance(start, StartJob) and start.job_id == again.job.job_id
+    with pytest.raises(StaleJob):  # the first run's id is over
+        run(table, TakeOverJob(worker_id=worker.id, job_id=worker.job.job_id))
+    failed = run(table, MarkFailed(worker_id=worker.id, job_id=again.job.job_id, reason="down"))
+    assert failed.job is not None
+    rechecked = run(table, TakeOverJob(worker_id=worker.id, job_id=failed.job.job_id))
+    assert rechecked.job is not None and rechecked.job.job_type is JobType.RECHECK

@@ -186,8 +186,12 @@ class WorkerTable:
         for worker_id, (worker, replacing) in upserts.items():
             old = self._workers.get(worker_id)
             old_job = None if old is None else old.job
-            new_job_id = None if worker.job is None else worker.job.job_id
-            if old_job is not None and old_job.active and new_job_id != old_job.job_id:
+            new = worker.job
+            if (
+                old_job is not None
+                and old_job.active
+                and (new is None or new.job_id != old_job.job_id or not new.active)
+            ):  # superseded, or ended by another replica (a PATCH cancelling a PUT)
                 effects.append(cmd.CancelJob(worker_id=worker_id, job_id=old_job.job_id))
             self._indexes.put(worker)
             job = worker.job

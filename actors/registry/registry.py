@@ -55,7 +55,7 @@ from actors.core.commands import (
 )
 from actors.core.errors import GatewayError
 from actors.core.jobs import UuidSource
-from actors.core.model import Worker, WorkerId, WorkerSpec, WorkerStatus
+from actors.core.model import JobType, Worker, WorkerId, WorkerSpec, WorkerStatus
 from actors.core.snapshot import RegistrySnapshot
 from actors.core.table import Changes, WorkerTable
 from actors.registry.drain import Drainer
@@ -127,6 +127,7 @@ class Journal:
     ) -> None:
         self.writer = writer
         self.shared = is_shared(writer.store)
+        self.replica: str = getattr(writer.store, "replica", "")
         self.applied = stored.change_seq  # a shared store's last change taken in
         self._table = table
         self._ids = ids
@@ -210,6 +211,8 @@ class Journal:
                 next_job_id=change.next_job_id,
                 everything=change.full,
             )
+            if change.replica and change.replica == self.replica:
+                effects += self._restart_jobs(upserts)
             self._ids.count = max(self._ids.count, change.id_high_water)
             self.applied = change.seq
             touched.update(upserts)
@@ -220,6 +223,23 @@ class Journal:
             and worker.status is WorkerStatus.DRAINING
         ]
         return effects, draining
+
+    def _restart_jobs(
+        self, upserts: dict[WorkerId, tuple[Worker, WorkerSpec | None]]
+    ) -> list[Effect]:
+        """Our own change, coming back: its commit was answered with an error (a connection
+        lost during COMMIT) but had gone through, so the jobs it started were never run, and
+        no one else will claim them (this replica is alive). Run them now."""
+        starts: list[Effect] = []
+        for worker_id, (worker, replacing) in upserts.items():
+            job = worker.job
+            if job is None or not job.active or job.job_type is JobType.REMOVE:
+                continue
+            spec = replacing if job.job_type is JobType.REPLACE and replacing else worker.spec
+            starts.append(
+                StartJob(worker_id=worker_id, job_id=job.job_id, job_type=job.job_type, spec=spec)
+            )
+        return starts
 
     def _decode(self, change: Change) -> dict[WorkerId, tuple[Worker, WorkerSpec | None]]:
         upserts = {}
@@ -315,7 +335,9 @@ async def run_registry(
             except Behind as behind:  # decided on a stale table: take the news in, again
                 table.undo(changes)
                 try:
-                    carry_out(*journal.absorb(behind.changes))
+                    taken_in = journal.absorb(behind.changes)
+                    publish(table.snapshot())  # what routing sees first: then the effects
+                    carry_out(*taken_in)
                     fresh = True
                     if catch_ups < MAX_CATCH_UPS:
                         continue

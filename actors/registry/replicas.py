@@ -94,6 +94,7 @@ async def run_replica_duties(
             duties.health = await writer.call(partial(store.hold_lease, "health"))
             claimed = await writer.call(partial(store.claim_jobs, CLAIM_LIMIT))
         except StoreError as error:
+            duties.health = False  # the lease may be someone else's by now: do not probe
             log.warning("replica duties: %s", error)
         for worker_id, job_id in [*duties.retry, *claimed]:
             duties.retry.discard((worker_id, job_id))

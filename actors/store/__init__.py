@@ -47,9 +47,21 @@ def open_store(
     if is_postgres_url(state):
         from actors.store.postgres import PostgresStore  # psycopg only when used
 
-        return PostgresStore(state, replica=replica, replica_lease_secs=replica_lease_secs)
+        return PostgresStore(
+            state,
+            replica=replica,
+            replica_lease_secs=replica_lease_secs,
+            # a statement never outlasts half a lease: a slow one cannot make a live replica
+            # look gone (its heartbeat waits behind it in the writer's thread)
+            statement_timeout_secs=min(10.0, replica_lease_secs / 2),
+        )
     if shared:
-        return SharedSqliteStore(state, replica=replica, replica_lease_secs=replica_lease_secs)
+        return SharedSqliteStore(
+            state,
+            replica=replica,
+            replica_lease_secs=replica_lease_secs,
+            busy_timeout_secs=min(5.0, replica_lease_secs / 2),  # as statement_timeout above
+        )
     return SqliteStore(state)
 
 

@@ -219,10 +219,15 @@ def change_from_payload(seq: int, replica: str, payload: str) -> Change:
     """The ``Change`` numbered ``seq`` from its log entry; ValueError if it is unreadable."""
     try:
         data = json.loads(payload)
+        upserts, deletes = data["upserts"], data["deletes"]
+        if not isinstance(upserts, dict) or not all(isinstance(p, dict) for p in upserts.values()):
+            raise ValueError("upserts is not an object of worker objects")
+        if not isinstance(deletes, list) or not all(isinstance(d, str) for d in deletes):
+            raise ValueError("deletes is not a list of ids")
         return Change(
             seq=int(seq),
-            upserts=data["upserts"],
-            deletes=data["deletes"],
+            upserts=upserts,
+            deletes=deletes,
             id_high_water=int(data["id_high_water"] or 0),
             next_job_id=int(data["next_job_id"] or 0),
             replica=replica,

@@ -371,6 +371,10 @@ class PostgresStore:
                 self._listener = None
                 reason = _reason(error)
                 raise StoreError(self.name, f"cannot listen for changes: {reason}") from None
+            finally:
+                if self._closed and self._listener is not None:  # close() gave up waiting
+                    self._listener.close()
+                    self._listener = None
 
     # ---- internals ---------------------------------------------------------------------
 

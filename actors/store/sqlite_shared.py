@@ -52,10 +52,10 @@ version moved, the head is read, and only a moved head is news: the replicas' he
 claims and leases commit too (every second or so each), and are none of the registry's
 business.
 
-**Replicas, drains, jobs, leases**: as in PostgreSQL (see there), with ``time.time()`` as the
-clock (seconds in REAL columns; the replicas share one host, so one clock). Every write is a
-``BEGIN IMMEDIATE`` transaction: one writer at a time, so ``claim_jobs`` gives a job to one
-replica only without row locks.
+**Replicas, drains, jobs, leases**: as in PostgreSQL (see there), with ``CLOCK_BOOTTIME`` as
+the clock (seconds in REAL columns; the replicas share one host, so one clock, which nobody
+sets). Every write is a ``BEGIN IMMEDIATE`` transaction: one writer at a time, so
+``claim_jobs`` gives a job to one replica only without row locks.
 """
 
 from __future__ import annotations
@@ -104,10 +104,6 @@ _KEEP_PREFIX = (
     "ON CONFLICT (key) DO UPDATE SET value = coalesce(value, excluded.value)"
 )
 _SET_HEAD = "UPDATE meta SET value = ? WHERE key = 'change_seq'"
-_ACTIVE_JOBS = (
-    "SELECT id, json_extract(data, '$.job.job_id'), '' FROM workers "
-    "WHERE json_extract(data, '$.job.state') IN ('queued', 'running')"
-)
 
 Row = tuple[str, str, int, str]
 
@@ -220,10 +216,10 @@ class SharedSqliteStore(SqliteStore):
 
     def heartbeat(self) -> list[str]:
         with self._transaction("a heartbeat") as conn:
-            return self._beat(conn, time.time())
+            return self._beat(conn, _clock())
 
     def record_idle(self, worker_id: str) -> bool:
-        live_since = time.time() - self.replica_lease_secs
+        live_since = _clock() - self.replica_lease_secs
         with self._transaction("recording a drain idle") as conn:
             # BEGIN IMMEDIATE orders the replicas recording: the last one sees every record
             stored = conn.execute("SELECT 1 FROM workers WHERE id = ?", (worker_id,)).fetchone()
@@ -244,11 +240,11 @@ class SharedSqliteStore(SqliteStore):
         """Start as a replica: a heartbeat, and any job still recorded under this replica's
         name (from before a restart: nothing runs here yet) is left for anyone to claim."""
         with self._transaction("joining") as conn:
-            self._beat(conn, time.time())
+            self._beat(conn, _clock())
             conn.execute("UPDATE jobs SET replica = '' WHERE replica = ?", (self.replica,))
 
     def claim_jobs(self, limit: int) -> list[tuple[str, int]]:
-        live_since = time.time() - self.replica_lease_secs
+        live_since = _clock() - self.replica_lease_secs
         with self._transaction("claiming jobs") as conn:
             rows = conn.execute(
                 "SELECT j.worker_id, j.job_id FROM jobs j WHERE j.replica <> ? "
@@ -268,7 +264,7 @@ class SharedSqliteStore(SqliteStore):
             conn.execute("DELETE FROM jobs WHERE worker_id = ? AND job_id = ?", (worker_id, job_id))
 
     def hold_lease(self, name: str) -> bool:
-        now = time.time()
+        now = _clock()
         with self._transaction("holding a lease") as conn:
             cursor = conn.execute(
                 "INSERT INTO leases (name, replica, until) VALUES (?, ?, ?) "
@@ -313,11 +309,19 @@ class SharedSqliteStore(SqliteStore):
 
     def _reset_replicas(self, conn: sqlite3.Connection) -> None:
         """No other gateway is in the file: forget every replica, lease and drain record, and
-        leave every active job for anyone to claim (see the module docstring)."""
+        leave every job and scheduled recheck (``owns_work``) for anyone to claim (see the
+        module docstring)."""
         with self._transaction("resetting the replicas' records", conn):
             for table in ("replicas", "drain_idle", "leases", "jobs"):
                 conn.execute(f"DELETE FROM {table}")
-            conn.execute(f"INSERT INTO jobs (worker_id, job_id, replica) {_ACTIVE_JOBS}")
+            owned = [
+                (worker_id, plain["job"]["job_id"], "")
+                for worker_id, text in conn.execute("SELECT id, data FROM workers")
+                if owns_work(plain := json.loads(text))
+            ]
+            conn.executemany(
+                "INSERT INTO jobs (worker_id, job_id, replica) VALUES (?, ?, ?)", owned
+            )
 
     # ---- the write path ----------------------------------------------------------------
 
@@ -534,6 +538,12 @@ def _write_worker(conn: sqlite3.Connection, row: Row, before: int | None) -> Non
 
 def _encode(plain: Any) -> str:
     return json.dumps(plain, separators=(",", ":"))
+
+
+def _clock() -> float:
+    """Seconds on a clock every process of the host shares and no one sets (unlike
+    ``time.time()``, which a clock step could move past every lease at once)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
