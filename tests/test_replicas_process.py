@@ -233,8 +233,8 @@ async def test_a_replica_restarted_under_load_catches_up_with_only_refused_conne
                 while not restarted.is_set() or answered < 50:
                     try:
                         answer = await fresh.post("/v1/chat/completions", json=CHAT)
-                    except httpx.ConnectError:
-                        await trio.sleep(0.01)  # nothing listens yet: try again shortly
+                    except httpx.ConnectError:  # nobody listens: the one refusal allowed
+                        await restarted.wait()  # then only once it listens again
                         continue
                     except httpx.TransportError as error:
                         errors.append(repr(error))

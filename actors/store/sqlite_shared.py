@@ -138,6 +138,7 @@ class SharedSqliteStore(SqliteStore):
         self.poll_secs = poll_secs
         self.max_poll_secs = max_poll_secs
         self._interval = poll_secs  # the current wait between two looks
+        self._closing = threading.Event()  # set by close(): a wait in progress ends at once
         self._closed = False
         self._watcher: sqlite3.Connection | None = None
         self._watched = (0, 0)  # the watcher's last data_version and head
@@ -161,7 +162,8 @@ class SharedSqliteStore(SqliteStore):
                 continue
 
     def close(self) -> None:
-        self._closed = True  # a wait_for_changes in another thread stops at its next poll
+        self._closed = True  # a wait_for_changes in another thread stops at once
+        self._closing.set()
         super().close()
 
     # ---- the SharedStore interface -----------------------------------------------------
@@ -445,7 +447,7 @@ class SharedSqliteStore(SqliteStore):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                time.sleep(min(self._interval, remaining))
+                self._closing.wait(min(self._interval, remaining))  # a pause between looks
                 self._interval = min(self._interval * 2, self.max_poll_secs)
             return False
         finally:
