@@ -92,7 +92,17 @@ def test_a_reservation_moves_its_mark_only_when_a_value_passes_it() -> None:
 
 
 def test_the_blocking_store_modules_import_no_trio() -> None:
-    for name in ("__init__", "base", "memory", "lock", "sqlite", "sqlite_shared", "postgres"):
+    for name in (
+        "__init__",
+        "base",
+        "memory",
+        "lock",
+        "sqlite",
+        "sqlite_shared",
+        "postgres",
+        "postgres_replicas",
+        "sqlite_replicas",
+    ):
         tree = ast.parse((ROOT / "actors" / "store" / f"{name}.py").read_text())
         imported = {
             alias.name.split(".")[0]
