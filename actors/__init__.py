@@ -32,7 +32,8 @@ from actors.core.model import (
 )
 from actors.core.urls import WorkerUrl, parse_worker_url
 from actors.registry.registry import StoreUnavailable
-from actors.registry.service import Gateway, open_gateway
+from actors.registry.service import Gateway
+from actors.registry.startup import open_gateway
 from actors.store import MemoryStore, SqliteStore, Store, StoreError, StoreInUse
 
 

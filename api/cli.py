@@ -22,7 +22,8 @@ from actors.core.config import FLAG, GatewayConfig
 from actors.core.errors import GatewayError, WorkerAlreadyExists
 from actors.core.model import WorkerSpec
 from actors.core.urls import parse_worker_url
-from actors.registry.service import Gateway, open_gateway
+from actors.registry.service import Gateway
+from actors.registry.startup import open_gateway
 from actors.store import StoreError
 from api.http.limits import ServerLimits
 from api.serve import SERVERS, serve_api

@@ -36,7 +36,8 @@ from actors.core.table import WorkerTable
 from actors.core.urls import WorkerUrl
 from actors.dataplane.client import request, stream
 from actors.registry.registry import Journal, StoreUnavailable
-from actors.registry.service import Gateway, open_gateway
+from actors.registry.service import Gateway
+from actors.registry.startup import open_gateway
 from actors.store.base import Change, StoredState
 from actors.store.writer import StoreWriter
 from scripts.fake_detector import InstantDetector
