@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from actors.store import Batch, SqliteStore, StoreError, StoreInUse
-from actors.store import sqlite as sqlite_module
-from actors.store.sqlite import APPLICATION_ID, SCHEMA_VERSION
+from actors.store import Batch, SqliteStore, StoreError, StoreInUse, sqlite_schema
+from actors.store.sqlite_schema import APPLICATION_ID, SCHEMA_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -412,10 +411,10 @@ def test_a_migration_that_fails_leaves_the_file_as_it_was(
     make_version_0(path)
 
     def half_then_fail(conn: sqlite3.Connection) -> None:
-        sqlite_module._v0_to_v1(conn)
+        sqlite_schema._v0_to_v1(conn)
         raise RuntimeError("step failed")
 
-    monkeypatch.setitem(sqlite_module.MIGRATIONS, 0, half_then_fail)
+    monkeypatch.setitem(sqlite_schema.MIGRATIONS, 0, half_then_fail)
     with pytest.raises(StoreError, match=r"migration from schema version 0.*rolled back"):
         SqliteStore(path)
     assert columns(path) == (0, ["id", "identity_key", "data"])

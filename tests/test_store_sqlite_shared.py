@@ -35,7 +35,7 @@ from actors.store import (
 from actors.store import sqlite_shared as shared_module
 from actors.store.base import Behind, Change, SharedStore, is_shared
 from actors.store.lock import StateLock
-from actors.store.sqlite import APPLICATION_ID, SCHEMA_VERSION, TABLES
+from actors.store.sqlite_schema import APPLICATION_ID, SCHEMA_VERSION, TABLES
 
 ROOT = Path(__file__).resolve().parent.parent
 Open = Callable[..., SharedSqliteStore]

@@ -1,23 +1,6 @@
 """SqliteStore: the registry in one SQLite file (stdlib ``sqlite3``; blocking, imports no trio).
 
-**Layout** (schema version 2)::
-
-    workers(id TEXT PRIMARY KEY, identity_key TEXT NOT NULL UNIQUE,
-            spec_version INTEGER NOT NULL, data TEXT NOT NULL)   -- data: the plain worker, JSON
-    meta(key TEXT PRIMARY KEY, value)  -- schema_version, id_prefix, id_high_water, next_job_id,
-                                       -- change_seq (the shared mode's newest change number)
-    worker_ids(id TEXT PRIMARY KEY)    -- every id ever stored, never deleted: no reuse
-    -- only the shared mode (``actors/store/sqlite_shared.py``) writes these:
-    changes(seq INTEGER PRIMARY KEY, replica, committed_at REAL, payload)  -- the change log
-    replicas(replica TEXT PRIMARY KEY, started_at REAL, seen_at REAL)      -- heartbeats
-    drain_idle(worker_id, replica)     -- replicas with nothing in flight to a draining worker
-    jobs(worker_id TEXT PRIMARY KEY, job_id, replica)   -- who runs each active job
-    leases(name TEXT PRIMARY KEY, replica, until REAL)  -- e.g. "health": who probes workers
-
-``identity_key`` and ``spec_version`` are copies of fields inside ``data``, as columns so that
-the database can enforce what the shared mode relies on (one worker per address; a
-compare-and-set on the spec version). The worker data (and the change log) holds ``api_key``s:
-protect the file. Times are ``time.time()`` seconds.
+**Layout**: ``actors/store/sqlite_schema.py`` (the tables of each version, the migrations).
 
 **Ids ever stored.** A trigger on ``workers`` adds every inserted id to ``worker_ids``; an update
 (the upsert's other path) does not fire it, so a single gateway pays one index insert per new
@@ -88,7 +71,7 @@ import json
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -100,58 +83,19 @@ from actors.store.base import (
     validate_batch,
 )
 from actors.store.lock import StateLock
+from actors.store.sqlite_schema import (
+    APPLICATION_ID,
+    HEADER_SIZE,
+    INITIAL_META,
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SET_META,
+    SQLITE_MAGIC,
+    TABLES,
+    WAL_HEADER_SIZE,
+)
 
-APPLICATION_ID = 0x544D4753  # "TMGS": trio model gateway state
-SCHEMA_VERSION = 2
-SQLITE_MAGIC = b"SQLite format 3\x00"
-_HEADER_SIZE = 100
-_WAL_HEADER_SIZE = 32
-
-_V1_TABLES = (
-    """CREATE TABLE workers (
-        id TEXT PRIMARY KEY,
-        identity_key TEXT NOT NULL UNIQUE,
-        spec_version INTEGER NOT NULL,
-        data TEXT NOT NULL
-    )""",
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value)",
-)
-_V2_TABLES = (
-    "CREATE TABLE worker_ids (id TEXT PRIMARY KEY) WITHOUT ROWID",
-    """CREATE TRIGGER worker_ids_on_insert AFTER INSERT ON workers BEGIN
-        INSERT OR IGNORE INTO worker_ids (id) VALUES (NEW.id);
-    END""",
-    """CREATE TABLE changes (
-        seq INTEGER PRIMARY KEY,
-        replica TEXT NOT NULL,
-        committed_at REAL NOT NULL,
-        payload TEXT NOT NULL
-    )""",
-    """CREATE TABLE replicas (
-        replica TEXT PRIMARY KEY,
-        started_at REAL NOT NULL,
-        seen_at REAL NOT NULL
-    )""",
-    """CREATE TABLE drain_idle (
-        worker_id TEXT NOT NULL,
-        replica TEXT NOT NULL,
-        PRIMARY KEY (worker_id, replica)
-    ) WITHOUT ROWID""",
-    """CREATE TABLE jobs (
-        worker_id TEXT PRIMARY KEY,
-        job_id INTEGER NOT NULL,
-        replica TEXT NOT NULL
-    )""",
-    """CREATE TABLE leases (
-        name TEXT PRIMARY KEY,
-        replica TEXT NOT NULL,
-        until REAL NOT NULL
-    )""",
-)
-SCHEMA = _V1_TABLES + _V2_TABLES
-TABLES = frozenset(
-    {"workers", "meta", "worker_ids", "changes", "replicas", "drain_idle", "jobs", "leases"}
-)
 # The update leaves identity_key alone (so its index is not rewritten: half the pages of an
 # update) unless it really changed; such a row is skipped here and rewritten by _MOVE_KEY.
 _UPSERT = (
@@ -161,39 +105,10 @@ _UPSERT = (
 )
 _MOVE_KEY = "UPDATE workers SET identity_key = ?, spec_version = ?, data = ? WHERE id = ?"
 _DELETE = "DELETE FROM workers WHERE id = ?"
-_SET_META = (
-    "INSERT INTO meta (key, value) VALUES (?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
-)
 _COUNTERS = ("id_high_water", "next_job_id")
-_INITIAL_META: dict[str, Any] = {
-    "id_prefix": None,
-    "id_high_water": 0,
-    "next_job_id": 1,
-    "change_seq": 0,
-}
 
 Synchronous = Literal["normal", "full"]
 Row = tuple[str, str, int, str]
-
-
-def _v0_to_v1(conn: sqlite3.Connection) -> None:
-    """Version 0 had no ``spec_version`` column: add it, filled from each row's data."""
-    conn.execute("ALTER TABLE workers ADD COLUMN spec_version INTEGER NOT NULL DEFAULT 0")
-    conn.execute("UPDATE workers SET spec_version = json_extract(data, '$.spec_version')")
-
-
-def _v1_to_v2(conn: sqlite3.Connection) -> None:
-    """Version 2 adds what replicas sharing the file need (see the layout): its tables, every
-    stored id in ``worker_ids``, and ``change_seq`` 0 (no change numbered yet)."""
-    for statement in _V2_TABLES:
-        conn.execute(statement)
-    conn.execute("INSERT INTO worker_ids (id) SELECT id FROM workers")
-    conn.execute(_SET_META, ("change_seq", 0))
-
-
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _v0_to_v1, 1: _v1_to_v2}
-"""Version N -> N+1, each run inside the one migration transaction."""
 
 
 class SqliteStore:
@@ -329,7 +244,7 @@ class SqliteStore:
 
     @staticmethod
     def _write_meta(conn: sqlite3.Connection, items: Iterable[tuple[str, Any]]) -> None:
-        conn.executemany(_SET_META, items)
+        conn.executemany(SET_META, items)
 
     def _meta_changes(self, batch: Batch) -> dict[str, Any]:
         """The meta values this batch moves; a prefix change or a counter moving backwards
@@ -391,17 +306,17 @@ class SqliteStore:
                 path, "is empty (0 bytes): not a state file (this gateway never leaves one empty)"
             )
         with open(path, "rb") as file:
-            header = file.read(_HEADER_SIZE)
+            header = file.read(HEADER_SIZE)
         if not header.startswith(SQLITE_MAGIC[: len(header)]) or len(header) < len(SQLITE_MAGIC):
             raise StoreError(path, f"is not an SQLite database (it starts with {header[:16]!r})")
-        if len(header) < _HEADER_SIZE:
+        if len(header) < HEADER_SIZE:
             raise StoreError(path, f"is truncated: {size} bytes, shorter than an SQLite header")
         page_size = int.from_bytes(header[16:18], "big")
         page_size = 65536 if page_size == 1 else page_size
         if page_size < 512 or page_size & (page_size - 1):
             raise StoreError(path, f"is corrupt: its header gives a page size of {page_size}")
         wal = Path(f"{path}-wal")
-        wal_pending = wal.exists() and wal.stat().st_size > _WAL_HEADER_SIZE
+        wal_pending = wal.exists() and wal.stat().st_size > WAL_HEADER_SIZE
         if not wal_pending:
             # With frames pending in the WAL the file itself may lag (a checkpoint cut short):
             # then only SQLite, reading through the WAL, can judge it (quick_check below).
@@ -487,7 +402,7 @@ class SqliteStore:
                 conn.execute(statement)
             conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._write_meta(conn, {**_INITIAL_META, "schema_version": SCHEMA_VERSION}.items())
+            self._write_meta(conn, {**INITIAL_META, "schema_version": SCHEMA_VERSION}.items())
             conn.execute("COMMIT")
         finally:
             conn.close()  # checkpoints everything into the temporary file
@@ -552,7 +467,7 @@ class SqliteStore:
         return workers
 
     def _read_meta(self, conn: sqlite3.Connection) -> dict[str, Any]:
-        meta = {**_INITIAL_META, **dict(conn.execute("SELECT key, value FROM meta").fetchall())}
+        meta = {**INITIAL_META, **dict(conn.execute("SELECT key, value FROM meta").fetchall())}
         prefix = meta["id_prefix"]
         counters = [meta[name] for name in (*_COUNTERS, "change_seq")]
         if (prefix is not None and not isinstance(prefix, str)) or not all(

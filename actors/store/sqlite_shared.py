@@ -80,8 +80,9 @@ from actors.store.base import (
     owns_work,
     validate_batch,
 )
-from actors.store.sqlite import SCHEMA_VERSION, SqliteStore, Synchronous
+from actors.store.sqlite import SqliteStore, Synchronous
 from actors.store.sqlite_replicas import SqliteReplicas
+from actors.store.sqlite_schema import SCHEMA_VERSION
 
 KEEP_CHANGES = 10_000  # changes kept in the log; a replica further behind reloads everything
 PRUNE_EVERY = 1000  # every this many changes, the log is cut back to KEEP_CHANGES
