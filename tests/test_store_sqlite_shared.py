@@ -5,7 +5,6 @@ version 1, and two real processes (actors/store/sqlite_shared.py, actors/store/l
 
 from __future__ import annotations
 
-import ast
 import fcntl
 import json
 import os
@@ -721,21 +720,6 @@ def test_open_store_opens_a_file_shared_only_when_asked(path: Path) -> None:
     assert not is_shared(MemoryStore())
     with pytest.raises(ValueError, match="cannot be shared"):
         open_store(":memory:", shared=True)
-
-
-def test_the_shared_store_module_imports_no_trio() -> None:
-    tree = ast.parse((ROOT / "actors" / "store" / "sqlite_shared.py").read_text())
-    imported = {
-        alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {
-        (node.module or "").split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom)
-    }
-    assert not imported & {"trio", "anyio", "outcome"}
 
 
 # ---- two processes -------------------------------------------------------------------------
