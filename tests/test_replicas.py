@@ -391,3 +391,30 @@ def test_our_own_change_coming_back_from_the_log_runs_the_jobs_it_started() -> N
     theirs = Change(seq=2, upserts={pending.id: plain}, replica="other", next_job_id=6)
     effects, _ = journal.absorb([theirs])
     assert not [e for e in effects if isinstance(e, StartJob)]  # theirs run theirs
+
+
+async def test_writes_racing_on_three_replicas_all_land_without_a_503(postgres_url: str) -> None:
+    """Each replica's clients keep PATCHing at once: a batch that finds others committed since
+    is decided again inside the writers' lock, so no write is refused for contention."""
+    async with replicas(postgres_url, 3, instant=True) as gateways:
+        with trio.fail_after(60):
+            workers = [
+                await gateways[0].add_worker(worker_spec(f"127.0.0.1:{9000 + n}")) for n in range(6)
+            ]
+            for gateway in gateways:
+                await gateway.sync()
+            refused: list[Exception] = []
+
+            async def patch(gateway: Gateway, worker_id: str) -> None:
+                for n in range(15):
+                    try:
+                        await gateway.update_worker(worker_id, WorkerPatch(priority=n + 1))
+                    except StoreUnavailable as error:
+                        refused.append(error)
+
+            async with trio.open_nursery() as nursery:
+                for n, worker in enumerate(workers):
+                    nursery.start_soon(patch, gateways[n % 3], worker.id)
+            await gateways[1].sync()
+    assert refused == []
+    assert [gateways[1].get_worker(w.id).spec_version for w in workers] == [16] * 6

@@ -476,3 +476,43 @@ def test_a_lease_has_one_holder_until_it_runs_out(postgres_url: str, open_pg: Op
     execute(postgres_url, "UPDATE tmg_leases SET until = now() - interval '1 second'")
     assert b.hold_lease("health")
     assert not a.hold_lease("health")
+
+
+def test_a_commit_decided_inside_the_lock_sees_what_others_committed_and_is_never_behind(
+    open_pg: Open,
+) -> None:
+    a, b = open_pg("a"), open_pg("b")
+    a.commit_after(new("w1", "127.0.0.1:8001"), 0)
+    a.commit_after(new("w2", "127.0.0.1:8002"), 1)
+    seen: list[list[int]] = []
+
+    def decide(missing: list[Change]) -> Batch:
+        seen.append([change.seq for change in missing])
+        return new("w3", "127.0.0.1:8003")
+
+    assert b.commit_decided(0, decide) == 3  # b had seen nothing: it is told of 1 and 2 first
+    assert seen == [[1, 2]]
+    assert b.commit_decided(3, lambda missing: Batch()) == 3  # nothing to write: the head
+    assert set(a.load().workers) == {"w1", "w2", "w3"}
+
+
+def test_commits_decided_inside_the_lock_from_two_threads_all_land_in_order(
+    open_pg: Open,
+) -> None:
+    stores = [open_pg("a"), open_pg("b")]
+
+    def writer(store: PostgresStore, prefix: str) -> None:
+        seen = 0
+        for n in range(25):
+
+            def decide(missing: list[Change], n: int = n) -> Batch:
+                return new(f"{prefix}{n}", f"127.0.0.1:{(1000 if prefix == 'a' else 2000) + n}")
+
+            seen = store.commit_decided(seen, decide)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(writer, stores[0], "a"), pool.submit(writer, stores[1], "b")]
+        for future in running:
+            future.result()
+    assert [change.seq for change in stores[0].changes_since(0)] == list(range(1, 51))
+    assert len(stores[0].load().workers) == 50

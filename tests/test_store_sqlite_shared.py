@@ -831,3 +831,21 @@ def test_the_first_replica_in_keeps_a_failed_workers_scheduled_recheck_for_anyon
     assert jobs(path) == [("w1", 4, "")]  # left for anyone, not forgotten
     again.heartbeat()
     assert again.claim_jobs(10) == [("w1", 4)]
+
+
+def test_a_commit_decided_inside_the_write_lock_sees_what_others_committed(
+    open_shared: Open,
+) -> None:
+    a, b = open_shared("a"), open_shared("b")
+    a.commit_after(new("w1", "127.0.0.1:8001"), 0)
+    a.commit_after(new("w2", "127.0.0.1:8002"), 1)
+    seen: list[list[int]] = []
+
+    def decide(missing: list[Change]) -> Batch:
+        seen.append([change.seq for change in missing])
+        return new("w3", "127.0.0.1:8003")
+
+    assert b.commit_decided(0, decide) == 3
+    assert seen == [[1, 2]]
+    assert b.commit_decided(3, lambda missing: Batch()) == 3
+    assert set(a.load().workers) == {"w1", "w2", "w3"}

@@ -36,6 +36,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import outcome
 import trio
@@ -134,6 +136,37 @@ class Journal:
         self._id_mark = Reservation(stored.id_high_water, block)
         self._job_mark = Reservation(stored.next_job_id, block)
         self._prefix_stored = stored.id_prefix == ids.prefix
+
+    @property
+    def decides(self) -> bool:
+        """Whether the store can commit a batch decided inside its writers' lock."""
+        return self.shared and callable(getattr(self.writer.store, "commit_decided", None))
+
+    def shared_batch(self, changes: Changes, started_jobs: Mapping[WorkerId, int]) -> Batch:
+        """A shared store's batch for ``changes``, with the jobs it started (see ``batch``)."""
+        batch = self.batch(changes)
+        started = {w: j for w, j in started_jobs.items() if w in batch.upserts}
+        return dataclasses.replace(batch, started_jobs=started) if started else batch
+
+    async def commit_decided(self, decide: Callable[[list[Change]], Batch]) -> None:
+        """``SharedStore.commit_decided``: ``decide`` runs on the trio thread (while the
+        registry waits here), called from the writer's thread inside the store's lock."""
+        token = trio.lowlevel.current_trio_token()
+        built: list[Batch] = []
+
+        def in_trio(changes: list[Change]) -> Batch:
+            built.append(decide(changes))
+            return built[-1]
+
+        def from_writer(changes: list[Change]) -> Batch:
+            return trio.from_thread.run_sync(in_trio, changes, trio_token=token)
+
+        store: Any = self.writer.store
+        self.applied = await self.writer.call(
+            partial(store.commit_decided, self.applied, from_writer)
+        )
+        if built and built[-1].id_prefix is not None:
+            self._prefix_stored = True
 
     def batch(self, changes: Changes) -> Batch:
         table = self._table
@@ -319,6 +352,40 @@ async def run_registry(
         effects.extend(table.take_effects())  # anything else is a bug: crash loudly
         return result
 
+    def take_in(changes: list[Change]) -> None:
+        """Other replicas' changes: into the table, shown, then their effects here."""
+        assert journal is not None
+        taken_in = journal.absorb(changes)
+        publish(table.snapshot())  # what routing sees first: then the effects
+        carry_out(*taken_in)
+
+    async def decide_locked(batch: list[Envelope[object]]) -> list[outcome.Outcome[object]]:
+        """Decide ``batch`` again and commit it inside the writers' lock (``commit_decided``):
+        the store reads what others committed meanwhile, and ``decide`` (on this thread, while
+        this task waits for the store) takes it in and applies the batch once more. On any
+        error the decision is taken back (what was taken in stays: it is stored)."""
+        assert journal is not None
+        decided: list[outcome.Outcome[object]] = []
+        made: list[Changes] = []
+
+        def decide(more: list[Change]) -> Batch:
+            if more:
+                take_in(more)
+            effects.clear()
+            drained.clear()
+            decided[:] = [apply(queued.message) for queued in batch]
+            made.append(table.take_changes())
+            started = {e.worker_id: e.job_id for e in effects if isinstance(e, StartJob)}
+            return journal.shared_batch(made[-1], started)
+
+        try:
+            await journal.commit_decided(decide)
+        except BaseException:
+            if made:
+                table.undo(made[-1])
+            raise
+        return decided
+
     async def handle(batch: list[Envelope[object]]) -> None:
         fresh = False  # True once this batch took in other replicas' changes
         for catch_ups in range(MAX_CATCH_UPS + 1):
@@ -335,13 +402,24 @@ async def run_registry(
             except Behind as behind:  # decided on a stale table: take the news in, again
                 table.undo(changes)
                 try:
-                    taken_in = journal.absorb(behind.changes)
-                    publish(table.snapshot())  # what routing sees first: then the effects
-                    carry_out(*taken_in)
+                    take_in(behind.changes)
                     fresh = True
+                    if journal.decides:  # again, inside the writers' lock: never behind
+                        results = await decide_locked(batch)
+                        break
                     if catch_ups < MAX_CATCH_UPS:
                         continue
                     error: StoreError | None = None
+                except Behind as too_far:  # the log no longer reached back: everything
+                    table.undo(table.take_changes())
+                    try:
+                        take_in(too_far.changes)
+                    except StoreError as unreadable:
+                        error = unreadable
+                    else:
+                        if catch_ups < MAX_CATCH_UPS:
+                            continue
+                        error = None
                 except StoreError as unreadable:
                     error = unreadable
             except StoreError as refused:

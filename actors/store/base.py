@@ -25,7 +25,7 @@ most 1,000 ids per restart out of a 48-bit counter.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -167,6 +167,12 @@ class SharedStore(Store, Protocol):
     ``commit_after(batch, after)`` commits ``batch`` only if ``after`` is still the newest
     change number and returns the batch's own number (``after`` itself for an empty batch:
     then it is only a check that nothing newer exists); else it raises ``Behind``.
+    ``commit_decided(after, decide)`` takes the writers' lock first, then calls ``decide``
+    with the changes that followed ``after`` (the caller takes them in and decides its batch
+    again) and commits the batch it returns, in the same transaction: no other replica can
+    commit in between, so it is never behind; it returns the new head (the old one when the
+    batch is empty). Only when the log no longer reaches back to ``after`` does it raise
+    ``Behind`` (with the whole registry) without calling ``decide``.
     ``changes_since(seq)`` reads what followed ``seq``. ``wait_for_changes(timeout)`` blocks
     until another replica may have committed (a notification) or ``timeout`` passes; it uses
     its own connection, so it runs in its own thread while the writer's calls go on.
@@ -183,6 +189,8 @@ class SharedStore(Store, Protocol):
     shared: bool  # True: this store is written by several replicas
 
     def commit_after(self, batch: Batch, after: int) -> int: ...
+
+    def commit_decided(self, after: int, decide: Callable[[list[Change]], Batch]) -> int: ...
 
     def changes_since(self, seq: int) -> list[Change]: ...
 

@@ -218,12 +218,37 @@ class PostgresStore(PostgresReplicas):
         validate_batch(batch)
         if batch.empty:
             return self._call(lambda conn: self._check_head(conn, after))
-        payload = change_payload(batch)
-        rows = [
-            (worker_id, identity_key(plain), plain["spec_version"], json.dumps(plain))
-            for worker_id, plain in batch.upserts.items()
-        ]
+        rows, payload = self._encoded(batch)  # before the lock: it is held for less
         return self._call(lambda conn: self._write(conn, batch, after, rows, payload))
+
+    def commit_decided(self, after: int, decide: Callable[[list[Change]], Batch]) -> int:
+        """``SharedStore.commit_decided``: the row lock first, then the missing changes, the
+        decision and the writes, in one transaction."""
+
+        def run(conn: psycopg.Connection[Any]) -> int:
+            reload = False
+            result = after
+            with conn.transaction():
+                seq = self._lock_head(conn)
+                logged = conn.execute(
+                    "SELECT seq, replica, payload FROM tmg_changes WHERE seq > %s ORDER BY seq",
+                    (after,),
+                ).fetchall()
+                if len(logged) != seq - 1 - after:  # the log no longer reaches back
+                    reload = True
+                    raise psycopg.Rollback()
+                batch = decide([self._change(*row) for row in logged])
+                validate_batch(batch)
+                if batch.empty:
+                    result = seq - 1  # nothing to write: the head stays where it was
+                    raise psycopg.Rollback()
+                self._write_batch(conn, batch, seq, *self._encoded(batch))
+                result = seq
+            if reload:
+                raise Behind(self._changes_since(conn, after))
+            return result
+
+        return self._call(run)
 
     def changes_since(self, seq: int) -> list[Change]:
         return self._call(lambda conn: self._changes_since(conn, seq))
@@ -357,36 +382,62 @@ class PostgresStore(PostgresReplicas):
     ) -> int:
         behind = False
         with conn.transaction():
-            row = conn.execute(
-                "UPDATE tmg_meta SET change_seq = change_seq + 1 WHERE id = 1 RETURNING change_seq"
-            ).fetchone()
-            assert row is not None
-            seq = int(row[0])
+            seq = self._lock_head(conn)
             if seq != after + 1:  # others committed since: nothing of this batch is written
                 behind = True
                 raise psycopg.Rollback()
-            checks: list[tuple[psycopg.Cursor[Any], int, str]] = []  # (cursor, rows, error)
-            with conn.pipeline():  # the rest in one round trip (results checked at the end)
-                self._write_rows(conn, batch, rows, checks)
-                conn.execute(
-                    "UPDATE tmg_meta SET id_prefix = coalesce(id_prefix, %s), "
-                    "id_high_water = greatest(id_high_water, %s), "
-                    "next_job_id = greatest(next_job_id, %s) WHERE id = 1",
-                    (batch.id_prefix, batch.id_high_water or 0, batch.next_job_id or 0),
-                )
-                conn.execute(
-                    "INSERT INTO tmg_changes (seq, replica, payload) VALUES (%s, %s, %s)",
-                    (seq, self.replica, payload),
-                )
-                if seq % 1000 == 0:
-                    conn.execute("DELETE FROM tmg_changes WHERE seq <= %s", (seq - KEEP_CHANGES,))
-                conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
-            for cursor, expected, error in checks:
-                if cursor.rowcount != expected:
-                    raise psycopg.IntegrityError(error)
+            self._write_batch(conn, batch, seq, rows, payload)
         if behind:  # read after the rollback (a full reload needs a transaction of its own)
             raise Behind(self._changes_since(conn, after))
         return seq
+
+    @staticmethod
+    def _lock_head(conn: psycopg.Connection[Any]) -> int:
+        """The next change number; its row lock is this transaction's until it ends: the
+        commits of all replicas pass here one at a time."""
+        row = conn.execute(
+            "UPDATE tmg_meta SET change_seq = change_seq + 1 WHERE id = 1 RETURNING change_seq"
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    @staticmethod
+    def _encoded(batch: Batch) -> tuple[list[tuple[str, str, int, str]], str]:
+        """The batch's worker rows and its change payload, as written."""
+        rows = [
+            (worker_id, identity_key(plain), plain["spec_version"], json.dumps(plain))
+            for worker_id, plain in batch.upserts.items()
+        ]
+        return rows, change_payload(batch)
+
+    def _write_batch(
+        self,
+        conn: psycopg.Connection[Any],
+        batch: Batch,
+        seq: int,
+        rows: list[tuple[str, str, int, str]],
+        payload: str,
+    ) -> None:
+        """Write ``batch`` as change ``seq`` (the lock is held)."""
+        checks: list[tuple[psycopg.Cursor[Any], int, str]] = []  # (cursor, rows, error)
+        with conn.pipeline():  # the rest in one round trip (results checked at the end)
+            self._write_rows(conn, batch, rows, checks)
+            conn.execute(
+                "UPDATE tmg_meta SET id_prefix = coalesce(id_prefix, %s), "
+                "id_high_water = greatest(id_high_water, %s), "
+                "next_job_id = greatest(next_job_id, %s) WHERE id = 1",
+                (batch.id_prefix, batch.id_high_water or 0, batch.next_job_id or 0),
+            )
+            conn.execute(
+                "INSERT INTO tmg_changes (seq, replica, payload) VALUES (%s, %s, %s)",
+                (seq, self.replica, payload),
+            )
+            if seq % 1000 == 0:
+                conn.execute("DELETE FROM tmg_changes WHERE seq <= %s", (seq - KEEP_CHANGES,))
+            conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+        for cursor, expected, error in checks:
+            if cursor.rowcount != expected:
+                raise psycopg.IntegrityError(error)
 
     def _write_rows(
         self,

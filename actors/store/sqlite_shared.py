@@ -66,7 +66,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from actors.store.base import (
@@ -191,6 +191,26 @@ class SharedSqliteStore(SqliteReplicas, SqliteStore):
         if head != after:  # nothing was written: others committed since, read what they did
             raise Behind(self.changes_since(after))
         return head + 1
+
+    def commit_decided(self, after: int, decide: Callable[[list[Change]], Batch]) -> int:
+        """``SharedStore.commit_decided``: inside one ``BEGIN IMMEDIATE``."""
+        with self._transaction("a commit") as conn:
+            head = self._head(conn)
+            logged = conn.execute(
+                "SELECT seq, replica, payload FROM changes WHERE seq > ? ORDER BY seq", (after,)
+            ).fetchall()
+            if len(logged) == head - after:  # else the log no longer reaches back: see below
+                batch = decide([self._change(*row) for row in logged])
+                validate_batch(batch)
+                if batch.empty:
+                    return head
+                rows: list[Row] = [
+                    (worker_id, identity_key(plain), plain["spec_version"], _encode(plain))
+                    for worker_id, plain in batch.upserts.items()
+                ]
+                self._write_change(conn, batch, head + 1, rows, change_payload(batch))
+                return head + 1
+        raise Behind(self.changes_since(after))  # the whole registry, read outside
 
     def changes_since(self, seq: int) -> list[Change]:
         with self._reading("reading changes") as conn:
