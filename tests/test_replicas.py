@@ -335,8 +335,8 @@ async def test_an_unreadable_change_in_the_log_is_refused_with_503_and_the_repli
                 '"id_prefix": null, "id_high_water": 0, "next_job_id": 0}'
             )
 
-            def write_foreign_change() -> None:  # not a gateway's doing
-                with psycopg.connect(postgres_url, autocommit=True) as conn:
+            def write_foreign_change() -> None:  # not a gateway's doing (one transaction)
+                with psycopg.connect(postgres_url) as conn, conn.transaction():
                     seq = conn.execute(
                         "UPDATE tmg_meta SET change_seq = change_seq + 1 RETURNING change_seq"
                     ).fetchone()

@@ -13,7 +13,8 @@ import pytest
 
 from actors.store import Batch, MemoryStore, StoreError, open_store
 from actors.store.base import Behind, Change, is_shared
-from actors.store.postgres import SCHEMA_VERSION, PostgresStore, redact
+from actors.store.postgres import PostgresStore, redact
+from actors.store.postgres_schema import SCHEMA_VERSION
 from scripts.postgres_server import PostgresServer
 
 Open = Callable[..., PostgresStore]

@@ -77,58 +77,12 @@ from actors.store.base import (
     validate_batch,
 )
 from actors.store.postgres_replicas import PostgresReplicas
+from actors.store.postgres_schema import SCHEMA, SCHEMA_LOCK, SCHEMA_VERSION
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
 KEEP_CHANGES = 10_000  # changes kept in the log; a replica further behind reloads everything
 CHANNEL = "tmg_changes"
 LISTENER_CLOSE_WAIT_SECS = 5.0  # close() waits this long for a wait_for_changes to end
-_SCHEMA_LOCK = 0x544D4753  # advisory lock key while creating or migrating the schema
-
-SCHEMA = (
-    """CREATE TABLE tmg_meta (
-        id integer PRIMARY KEY CHECK (id = 1),
-        schema_version integer NOT NULL,
-        change_seq bigint NOT NULL,
-        id_prefix text,
-        id_high_water bigint NOT NULL,
-        next_job_id bigint NOT NULL
-    )""",
-    """CREATE TABLE tmg_workers (
-        id text PRIMARY KEY,
-        identity_key text NOT NULL UNIQUE,
-        spec_version bigint NOT NULL,
-        data text NOT NULL
-    )""",
-    "CREATE TABLE tmg_worker_ids (id text PRIMARY KEY)",
-    """CREATE TABLE tmg_changes (
-        seq bigint PRIMARY KEY,
-        replica text NOT NULL,
-        committed_at timestamptz NOT NULL DEFAULT now(),
-        payload text NOT NULL
-    )""",
-    """CREATE TABLE tmg_replicas (
-        replica text PRIMARY KEY,
-        started_at timestamptz NOT NULL DEFAULT now(),
-        seen_at timestamptz NOT NULL DEFAULT now()
-    )""",
-    """CREATE TABLE tmg_drain_idle (
-        worker_id text NOT NULL,
-        replica text NOT NULL,
-        PRIMARY KEY (worker_id, replica)
-    )""",
-    """CREATE TABLE tmg_jobs (
-        worker_id text PRIMARY KEY,
-        job_id bigint NOT NULL,
-        replica text NOT NULL
-    )""",
-    """CREATE TABLE tmg_leases (
-        name text PRIMARY KEY,
-        replica text NOT NULL,
-        until timestamptz NOT NULL
-    )""",
-    "INSERT INTO tmg_meta VALUES (1, 1, 0, NULL, 0, 1)",
-)
 
 
 def redact(url: str) -> str:
@@ -335,7 +289,7 @@ class PostgresStore(PostgresReplicas):
         """Create the schema if there is none; refuse a newer one. The version found (None:
         created now)."""
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
             exists = conn.execute("SELECT to_regclass('tmg_meta') IS NOT NULL").fetchone()
             if exists is None or not exists[0]:
                 for statement in SCHEMA:
